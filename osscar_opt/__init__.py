@@ -1,0 +1,33 @@
+"""osscar_opt: one-shot structured pruning by combinatorial optimization (OSSCAR).
+
+Data flows one way: model + calibration data -> formulation -> problem -> backend -> solution ->
+surgery -> smaller model.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LayerProblem": "osscar_opt.problem",
+    "StatsAccumulator": "osscar_opt.statistics",
+    "Solution": "osscar_opt.solution",
+    "PathPoint": "osscar_opt.solution",
+    "solve": "osscar_opt.solve",
+    "certify": "osscar_opt.certify",
+    "prune": "osscar_opt.driver",
+    "save_pruned": "osscar_opt.io",
+    "load_pruned": "osscar_opt.io",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'osscar_opt' has no attribute {name!r}")
+    return getattr(import_module(module), name)

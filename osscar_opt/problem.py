@@ -1,0 +1,470 @@
+"""The reformulated layer problem (DESIGN.md, "The layer problem").
+
+A linear layer ``y = W x + b`` with ``W`` of shape ``(m, p)`` is pruned by removing *input groups*
+(disjoint sets of input columns). With calibration inputs ``X`` (``n x p``) and targets ``Y``
+(``n x m``) and ridge weight ``lam > 0`` the problem
+
+    minimize ||Y - X What^T||_F^2 + lam ||W - What||_F^2   s.t.  What zero outside the kept groups
+
+depends on the data only through ``H = X^T X + lam I`` (``p x p``), ``G = X^T Y + lam W^T``
+(``p x m``) and ``c0 = ||Y||_F^2 + lam ||W||_F^2``. For kept columns ``R`` the optimal weights are
+``What_R^T = H_RR^{-1} G_R`` and ``loss = c0 - trace(G_R^T H_RR^{-1} G_R)``.
+
+This module knows nothing about torch modules: a :class:`LayerProblem` is plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+FORMAT_NAME = "osscar_opt.LayerProblem"
+FORMAT_VERSION = "1"
+
+GroupsLike = Sequence[Sequence[int]] | torch.Tensor | Sequence[int]
+
+
+def _as_float64(name: str, value, ndim: int | None = None) -> torch.Tensor:
+    """Convert to a float64 CPU-or-same-device tensor, checking finiteness and rank."""
+    try:
+        tensor = torch.as_tensor(value)
+    except Exception as exc:  # noqa: BLE001 - reported with the argument name
+        raise ValueError(f"{name}: expected a numeric array, got {type(value).__name__}") from exc
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name}: expected a real numeric array, got dtype {tensor.dtype}")
+    tensor = tensor.to(torch.float64)
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name}: contains {bad} NaN or Inf entries")
+    return tensor
+
+
+def _is_label_vector(groups) -> bool:
+    """True when ``groups`` is a flat integer array (group_of_column), not a list of groups."""
+    if isinstance(groups, torch.Tensor) or hasattr(groups, "__array__"):
+        return torch.as_tensor(groups).dim() == 1
+    return len(groups) > 0 and not hasattr(groups[0], "__len__") and not isinstance(groups[0], torch.Tensor)
+
+
+def group_of_column_from(groups: GroupsLike, num_columns: int) -> torch.Tensor:
+    """Normalize ``groups`` to an int64 vector ``group_of_column`` of length ``num_columns``.
+
+    ``groups`` is either a sequence of disjoint index sequences (group ``g`` owns the listed
+    columns; unlisted columns are always kept) or an integer array of length ``num_columns`` giving
+    each column's group id, with -1 for always-kept columns. Group ids must be ``0..G-1``, each used.
+    """
+    if _is_label_vector(groups):
+        labels = torch.as_tensor(groups)
+        if labels.is_floating_point() or labels.dim() != 1:
+            raise ValueError("groups: an integer group_of_column vector must be 1-D integers")
+        if labels.numel() != num_columns:
+            raise ValueError(f"groups: group_of_column has length {labels.numel()}, expected {num_columns}")
+        labels = labels.to(torch.int64).cpu()
+        if (labels < -1).any():
+            raise ValueError("groups: group ids must be >= -1 (-1 marks an always-kept column)")
+        used = labels[labels >= 0]
+        if used.numel() == 0:
+            raise ValueError("groups: no prunable group (every column is -1)")
+        count = int(used.max()) + 1
+        present = torch.zeros(count, dtype=torch.bool)
+        present[used] = True
+        if not present.all():
+            missing = torch.nonzero(~present).flatten()[:5].tolist()
+            raise ValueError(f"groups: group ids must be contiguous 0..{count - 1}; empty groups {missing}")
+        return labels
+    labels = torch.full((num_columns,), -1, dtype=torch.int64)
+    if len(groups) == 0:
+        raise ValueError("groups: no prunable group given")
+    for group_id, columns in enumerate(groups):
+        index = torch.as_tensor(list(columns) if not isinstance(columns, torch.Tensor) else columns)
+        if index.numel() == 0:
+            raise ValueError(f"groups: group {group_id} is empty")
+        if index.is_floating_point():
+            raise ValueError(f"groups: group {group_id} has non-integer column indices")
+        index = index.to(torch.int64).flatten().cpu()
+        if (index < 0).any() or (index >= num_columns).any():
+            raise ValueError(
+                f"groups: group {group_id} has column indices outside [0, {num_columns - 1}]"
+            )
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"groups: group {group_id} lists a column twice")
+        clash = labels[index] >= 0
+        if clash.any():
+            column = int(index[clash][0])
+            raise ValueError(
+                f"groups: groups overlap: column {column} is in group {int(labels[column])} and {group_id}"
+            )
+        labels[index] = group_id
+    return labels
+
+
+class LayerProblem:
+    """One layer's pruning problem: ``H`` (p x p), ``G`` (p x m), ``c0`` and the groups.
+
+    Columns are the layer's input columns, plus a trailing constant-1 column when the bias is
+    re-fit (``has_bias_column``); that column belongs to no group and is always kept.
+
+    Attributes:
+        H: ``(p, p)`` symmetric positive definite, ``X^T X + lam I``.
+        G: ``(p, m)``, ``X^T Y + lam W^T``.
+        c0: ``||Y||_F^2 + lam ||W||_F^2`` (float).
+        group_of_column: ``(p,)`` int64, group id per column, -1 for always kept.
+        lam: the ridge weight that was added to ``H`` (0 when unknown).
+        xtx_diag: ``(p,)`` diagonal of ``X^T X`` (activation energy per column), or None.
+        weight: the original ``(m, p_in)`` weight, or None (baselines fall back to ``H^{-1} G``).
+        meta: free-form string metadata (layer name, structure kind), saved with the problem.
+    """
+
+    def __init__(
+        self,
+        H: torch.Tensor,
+        G: torch.Tensor,
+        c0: float,
+        group_of_column: torch.Tensor,
+        *,
+        lam: float = 0.0,
+        xtx_diag: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        has_bias_column: bool = False,
+        meta: Mapping[str, str] | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.H = H
+        self.G = G
+        self.c0 = float(c0)
+        self.group_of_column = group_of_column
+        self.lam = float(lam)
+        self.xtx_diag = xtx_diag
+        self.weight = weight
+        self.has_bias_column = bool(has_bias_column)
+        self.meta: dict[str, str] = {str(k): str(v) for k, v in (meta or {}).items()}
+        if validate:
+            self._validate()
+        self._groups = [
+            torch.nonzero(self.group_of_column == g).flatten() for g in range(self.num_groups)
+        ]
+        self._group_sizes = [int(cols.numel()) for cols in self._groups]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_activations(
+        cls,
+        X,
+        W,
+        groups: GroupsLike,
+        *,
+        damp: float = 1e-2,
+        Y=None,
+        bias=None,
+        refit_bias: bool = False,
+        meta: Mapping[str, str] | None = None,
+    ) -> LayerProblem:
+        """Build the problem from calibration inputs ``X`` (n x p) and the weight ``W`` (m x p).
+
+        ``Y`` (n x m) is the target layer output (bias included when ``bias`` is given); it
+        defaults to ``X W^T + bias``. ``bias`` (m,) is the layer's current bias: kept fixed, or
+        re-fit when ``refit_bias`` (then the problem has a trailing constant-1 column and
+        :meth:`bias` returns the new bias).
+        ``lam = damp * mean(diag(X^T X))``.
+        """
+        from osscar_opt.statistics import StatsAccumulator
+
+        X = _as_float64("X", X, ndim=2)
+        W = _as_float64("W", W, ndim=2)
+        if X.shape[1] != W.shape[1]:
+            raise ValueError(f"X: has {X.shape[1]} columns but W has {W.shape[1]} (W must be (m, p))")
+        accumulator = StatsAccumulator(X.shape[1], num_outputs=W.shape[0] if Y is not None else None)
+        accumulator.add(X, Y)
+        return accumulator.problem(W, groups, damp=damp, bias=bias, refit_bias=refit_bias, meta=meta)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        H,
+        G,
+        c0: float,
+        groups: GroupsLike,
+        *,
+        lam: float = 0.0,
+        xtx_diag=None,
+        weight=None,
+        meta: Mapping[str, str] | None = None,
+    ) -> LayerProblem:
+        """Build the problem directly from ``H`` (p x p, SPD), ``G`` (p x m) and ``c0``."""
+        H = _as_float64("H", H, ndim=2)
+        G = _as_float64("G", G, ndim=2)
+        try:
+            c0 = float(c0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"c0: expected a real number, got {c0!r}") from exc
+        if H.shape[0] != H.shape[1]:
+            raise ValueError(f"H: expected a square matrix, got shape {tuple(H.shape)}")
+        labels = group_of_column_from(groups, H.shape[0])
+        return cls(
+            H,
+            G,
+            c0,
+            labels.to(H.device),
+            lam=lam,
+            xtx_diag=None if xtx_diag is None else _as_float64("xtx_diag", xtx_diag, ndim=1),
+            weight=None if weight is None else _as_float64("weight", weight, ndim=2),
+            meta=meta,
+        )
+
+    def _validate(self) -> None:
+        H, G = self.H, self.G
+        for name, value in (("H", H), ("G", G)):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise ValueError(f"{name}: expected a floating-point tensor")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name}: contains NaN or Inf entries")
+        p = H.shape[0]
+        if H.dim() != 2 or H.shape[1] != p:
+            raise ValueError(f"H: expected a square (p, p) matrix, got shape {tuple(H.shape)}")
+        if G.dim() != 2 or G.shape[0] != p:
+            raise ValueError(f"G: expected shape ({p}, m) to match H, got {tuple(G.shape)}")
+        if not math.isfinite(self.c0):
+            raise ValueError(f"c0: expected a finite number, got {self.c0}")
+        scale = float(H.abs().max()) or 1.0
+        asymmetry = float((H - H.T).abs().max())
+        if asymmetry > 1e-8 * scale:
+            raise ValueError(f"H: not symmetric (max |H - H^T| = {asymmetry:.3g}, scale {scale:.3g})")
+        _, info = torch.linalg.cholesky_ex(H.to(torch.float64))
+        if int(info) != 0:
+            raise ValueError(
+                "H: not positive definite (after damping); increase damp / lam or drop dead columns"
+            )
+        labels = self.group_of_column
+        if labels.dim() != 1 or labels.numel() != p:
+            raise ValueError(f"groups: group_of_column must have length {p}")
+        if labels.numel() and int(labels.max()) < 0:
+            raise ValueError("groups: no prunable group")
+        if self.xtx_diag is not None and self.xtx_diag.shape != (p,):
+            raise ValueError(f"xtx_diag: expected shape ({p},), got {tuple(self.xtx_diag.shape)}")
+        if self.weight is not None and self.weight.shape[0] != G.shape[1]:
+            raise ValueError(f"weight: expected {G.shape[1]} rows (m), got {tuple(self.weight.shape)}")
+        if self.c0 < -1e-9 * max(1.0, abs(self.c0)):
+            raise ValueError(f"c0: must be >= 0 (a sum of squares), got {self.c0}")
+
+    # ------------------------------------------------------------------ sizes and groups
+    @property
+    def num_groups(self) -> int:
+        """Number of prunable groups."""
+        return int(self.group_of_column.max()) + 1
+
+    @property
+    def num_columns(self) -> int:
+        """``p``: number of columns of ``H`` (input columns, plus the bias column if any)."""
+        return self.H.shape[0]
+
+    @property
+    def num_inputs(self) -> int:
+        """Number of input columns of the layer weight (``p`` without the bias column)."""
+        return self.num_columns - int(self.has_bias_column)
+
+    @property
+    def num_outputs(self) -> int:
+        """``m``: number of outputs (columns of ``G``)."""
+        return self.G.shape[1]
+
+    @property
+    def groups(self) -> list[torch.Tensor]:
+        """Column indices of every group (int64 tensors on the CPU)."""
+        return list(self._groups)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Number of columns in every group."""
+        return list(self._group_sizes)
+
+    @property
+    def always_kept_columns(self) -> torch.Tensor:
+        """Columns that belong to no group (always kept), int64."""
+        return torch.nonzero(self.group_of_column.cpu() < 0).flatten()
+
+    @property
+    def device(self) -> torch.device:
+        return self.H.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.H.dtype
+
+    def dead_groups(self) -> list[int]:
+        """Groups whose input columns never fire on the calibration data (``diag(X^T X) == 0``)."""
+        if self.xtx_diag is None:
+            return []
+        dead = self.xtx_diag.cpu() <= 0
+        return [g for g, cols in enumerate(self._groups) if bool(dead[cols].all())]
+
+    # ------------------------------------------------------------------ evaluation
+    def check_support(self, support: Iterable[int], name: str = "support") -> tuple[int, ...]:
+        """Validate a support (group ids) and return it sorted."""
+        try:
+            ids = sorted(int(g) for g in support)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected an iterable of integer group ids") from exc
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{name}: lists a group twice: {ids}")
+        if ids and (ids[0] < 0 or ids[-1] >= self.num_groups):
+            raise ValueError(f"{name}: group ids must be in [0, {self.num_groups - 1}], got {ids}")
+        return tuple(ids)
+
+    def kept_columns(self, support: Iterable[int]) -> torch.Tensor:
+        """Sorted column indices kept by ``support`` (always-kept columns included)."""
+        ids = self.check_support(support)
+        parts = [self.always_kept_columns] + [self._groups[g] for g in ids]
+        return torch.sort(torch.cat(parts)).values
+
+    def _kept_solution(self, support: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return kept columns and ``What_R^T = H_RR^{-1} G_R`` (float64)."""
+        columns = self.kept_columns(support).to(self.H.device)
+        if columns.numel() == 0:
+            return columns, self.G.new_zeros((0, self.num_outputs), dtype=torch.float64)
+        H_RR = self.H[columns][:, columns].to(torch.float64)
+        G_R = self.G[columns].to(torch.float64)
+        factor = torch.linalg.cholesky(H_RR)
+        return columns, torch.cholesky_solve(G_R, factor)
+
+    def loss(self, support: Iterable[int]) -> float:
+        """``c0 - trace(G_R^T H_RR^{-1} G_R)`` for the kept groups ``support`` (float64)."""
+        columns, kept_t = self._kept_solution(support)
+        if columns.numel() == 0:
+            return self.c0
+        explained = float((self.G[columns].to(torch.float64) * kept_t).sum())
+        return self.c0 - explained
+
+    def full_weights(self, support: Iterable[int]) -> torch.Tensor:
+        """Optimal ``(m, p)`` weight over all problem columns (bias column included), float64."""
+        columns, kept_t = self._kept_solution(support)
+        full = torch.zeros(
+            (self.num_outputs, self.num_columns), dtype=torch.float64, device=self.H.device
+        )
+        if columns.numel():
+            full[:, columns] = kept_t.T
+        return full
+
+    def weights(self, support: Iterable[int]) -> torch.Tensor:
+        """Optimal ``(m, p_in)`` layer weight for ``support``: zeros in pruned columns (float64)."""
+        return self.full_weights(support)[:, : self.num_inputs]
+
+    def bias(self, support: Iterable[int]) -> torch.Tensor | None:
+        """The re-fit bias ``(m,)`` when the problem re-fits the bias, else None."""
+        if not self.has_bias_column:
+            return None
+        return self.full_weights(support)[:, -1]
+
+    def reference_weight(self) -> torch.Tensor:
+        """The original weight ``(m, p_in)``; without one, the unpruned least-squares fit."""
+        if self.weight is not None:
+            return self.weight
+        return self.weights(range(self.num_groups))
+
+    # ------------------------------------------------------------------ device, io
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LayerProblem:
+        """A copy on ``device`` with floating tensors cast to ``dtype`` (labels stay int64)."""
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+        return LayerProblem(
+            move(self.H),
+            move(self.G),
+            self.c0,
+            self.group_of_column.to(device=device),
+            lam=self.lam,
+            xtx_diag=move(self.xtx_diag),
+            weight=move(self.weight),
+            has_bias_column=self.has_bias_column,
+            meta=self.meta,
+            validate=False,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the problem as safetensors (no pickle); the file is replaced atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            "H": self.H.detach().to("cpu", torch.float64).contiguous(),
+            "G": self.G.detach().to("cpu", torch.float64).contiguous(),
+            "group_of_column": self.group_of_column.detach().to("cpu", torch.int64).contiguous(),
+        }
+        if self.xtx_diag is not None:
+            tensors["xtx_diag"] = self.xtx_diag.detach().to("cpu", torch.float64).contiguous()
+        if self.weight is not None:
+            tensors["weight"] = self.weight.detach().to("cpu", torch.float64).contiguous()
+        metadata = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "c0": repr(self.c0),
+            "lam": repr(self.lam),
+            "has_bias_column": "1" if self.has_bias_column else "0",
+            "meta": json.dumps(self.meta, sort_keys=True),
+        }
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            os.replace(temporary, path)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LayerProblem:
+        """Read a problem written by :meth:`save`; a corrupt or foreign file raises ValueError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"path: no such problem file: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != FORMAT_NAME:
+                    raise ValueError(f"path: {path} is not an osscar_opt LayerProblem file")
+                if metadata.get("version") != FORMAT_VERSION:
+                    raise ValueError(
+                        f"path: {path} has format version {metadata.get('version')!r}, "
+                        f"this osscar_opt reads version {FORMAT_VERSION}"
+                    )
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            c0 = float(metadata["c0"])
+            lam = float(metadata["lam"])
+            has_bias_column = metadata["has_bias_column"] == "1"
+            meta = json.loads(metadata.get("meta", "{}"))
+            H, G, labels = tensors["H"], tensors["G"], tensors["group_of_column"]
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+            raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc})") from exc
+        if labels.dtype != torch.int64:
+            raise ValueError(f"path: {path} has group_of_column of dtype {labels.dtype}, expected int64")
+        labels_checked = group_of_column_from(labels, H.shape[0] if H.dim() == 2 else -1)
+        return cls(
+            H,
+            G,
+            c0,
+            labels_checked,
+            lam=lam,
+            xtx_diag=tensors.get("xtx_diag"),
+            weight=tensors.get("weight"),
+            has_bias_column=has_bias_column,
+            meta=meta,
+        )
+
+    def __repr__(self) -> str:
+        sizes = sorted(set(self._group_sizes))
+        return (
+            f"LayerProblem(columns={self.num_columns}, outputs={self.num_outputs}, "
+            f"groups={self.num_groups}, group_sizes={sizes}, lam={self.lam:.3g}, "
+            f"bias_column={self.has_bias_column}, meta={self.meta})"
+        )

@@ -1,0 +1,92 @@
+"""``solve(problem, keep, backend, **options)``: run a backend and re-fit its answer exactly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from osscar_opt import backends
+from osscar_opt.backends.base import SearchResult
+from osscar_opt.problem import LayerProblem
+from osscar_opt.solution import Solution
+
+
+def check_keep(problem: LayerProblem, keep) -> int:
+    """Validate the budget: an integer in ``[0, problem.num_groups]``."""
+    if isinstance(keep, bool) or not isinstance(keep, int) and not hasattr(keep, "__index__"):
+        raise ValueError(f"keep: expected an integer number of groups, got {keep!r}")
+    keep = int(keep)
+    if keep < 0 or keep > problem.num_groups:
+        raise ValueError(f"keep: must be in [0, {problem.num_groups}] (the number of groups), got {keep}")
+    return keep
+
+
+def relative_gap(loss: float, lower_bound: float | None) -> float | None:
+    """``(loss - lower_bound) / loss``, clipped at 0 for round-off; 0 when loss is 0."""
+    if lower_bound is None:
+        return None
+    if loss <= 0:
+        return 0.0
+    return max(0.0, (loss - lower_bound) / loss)
+
+
+def finish(
+    problem: LayerProblem,
+    keep: int,
+    result: SearchResult | Sequence[int],
+    backend_name: str,
+    seconds: float,
+) -> Solution:
+    """Turn a backend's answer into a :class:`Solution`, re-computing loss and weights exactly."""
+    if not isinstance(result, SearchResult):
+        result = SearchResult(support=result)
+    support = problem.check_support(result.support, name=f"support returned by backend {backend_name!r}")
+    if len(support) > keep:
+        raise ValueError(
+            f"backend {backend_name!r} returned {len(support)} groups for keep={keep}"
+        )
+    loss = problem.loss(support)
+    lower_bound = result.lower_bound
+    if lower_bound is not None:
+        lower_bound = float(lower_bound)
+    return Solution(
+        support=support,
+        loss=loss,
+        weights=problem.weights(support),
+        bias=problem.bias(support),
+        lower_bound=lower_bound,
+        gap=relative_gap(loss, lower_bound),
+        status=result.status,
+        backend=backend_name,
+        seconds=seconds,
+        keep=keep,
+        path=list(result.path),
+        info=dict(result.info),
+    )
+
+
+def solve(problem: LayerProblem, keep: int, backend: str = "local-search", **options: Any) -> Solution:
+    """Choose ``keep`` groups of ``problem`` with ``backend`` and re-fit the kept weights.
+
+    ``keep == problem.num_groups`` returns every group and ``keep == 0`` the empty support (loss
+    ``c0``), both as proven optimal without calling the backend.
+    """
+    if not isinstance(problem, LayerProblem):
+        raise ValueError(f"problem: expected a LayerProblem, got {type(problem).__name__}")
+    keep = check_keep(problem, keep)
+    backend_cls = backends.get(backend)
+    if keep in (0, problem.num_groups):
+        start = time.perf_counter()
+        support = tuple(range(keep))
+        loss = problem.loss(support)
+        return finish(
+            problem, keep, SearchResult(support, status="optimal", lower_bound=loss), backend,
+            time.perf_counter() - start,
+        )
+    if not backend_cls.is_installed():
+        raise ValueError(f"backend: {backend!r} needs {list(backend_cls.requires)}, which are not installed")
+    start = time.perf_counter()
+    result = backend_cls().solve(problem, keep, **options)
+    seconds = time.perf_counter() - start
+    return finish(problem, keep, result, backend, seconds)
