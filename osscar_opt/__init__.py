@@ -16,7 +16,7 @@ _EXPORTS = {
     "StatsAccumulator": "osscar_opt.statistics",
     "Solution": "osscar_opt.solution",
     "PathPoint": "osscar_opt.solution",
-    "solve": "osscar_opt.solve",
+    "solve": "osscar_opt.solving",
     "certify": "osscar_opt.certify",
     "prune": "osscar_opt.driver",
     "save_pruned": "osscar_opt.io",

@@ -1,0 +1,345 @@
+"""Exact low-rank bookkeeping for a kept column set (DESIGN.md, "Scores the search needs").
+
+:class:`KeptSet` holds, for the kept columns ``R`` of a :class:`LayerProblem`,
+
+* ``Hinv`` (p x p): ``H_RR^{-1}`` embedded at the rows/columns of ``R``, zero elsewhere,
+* ``B`` (p x r): ``H_RR^{-1} C_R`` (the kept weights in the thin-factor space), zero outside ``R``,
+* ``loss``: ``c0 - trace(C_R^T H_RR^{-1} C_R)``,
+
+and, once :meth:`KeptSet.track_outside` is called, for every column ``o`` outside ``R``,
+
+* ``P`` (p x p): row ``o`` is ``H_oR H_RR^{-1}`` (zero in columns outside ``R``),
+* ``E`` (p x r): row ``o`` is the residual correlation ``C_o - H_oR H_RR^{-1} C_R``.
+
+``C`` is a thin factor of ``G`` (``G G^T = C C^T``, ``r = min(p, m)``): every score is a trace of a
+quadratic form in ``G``, so it is unchanged when ``C`` replaces ``G``.
+
+Every removal or addition of ``d`` columns is a rank-``d`` update of these buffers (cost
+``O(p^2 d)``), never a refactorization; :meth:`KeptSet.refresh` recomputes everything from scratch
+to bound round-off drift. Buffers are kept at full size ``p`` and masked, so updates are in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from osscar_opt.problem import LayerProblem
+
+
+def thin_factor(G: torch.Tensor) -> torch.Tensor:
+    """``C`` (p x r, r = min(p, m)) with ``C C^T = G G^T``; ``G`` itself when ``m <= p``."""
+    p, m = G.shape
+    if m <= p:
+        return G
+    gram = G.to(torch.float64) @ G.to(torch.float64).T
+    values, vectors = torch.linalg.eigh(gram)
+    return (vectors * values.clamp_min(0).sqrt()).to(G.dtype)
+
+
+@dataclass
+class Bucket:
+    """All groups of one size ``d``: their ids and an ``(n, d)`` matrix of their columns."""
+
+    size: int
+    group_ids: torch.Tensor
+    columns: torch.Tensor
+
+
+def size_buckets(problem: LayerProblem, device: torch.device) -> list[Bucket]:
+    """Groups bucketed by size so that block operations batch."""
+    by_size: dict[int, list[int]] = {}
+    for group_id, size in enumerate(problem.group_sizes):
+        by_size.setdefault(size, []).append(group_id)
+    groups = problem.groups
+    buckets = []
+    for size, ids in sorted(by_size.items()):
+        columns = torch.stack([groups[g] for g in ids]).to(device)
+        buckets.append(Bucket(size, torch.tensor(ids, device=device), columns))
+    return buckets
+
+
+def _spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of (a batch of) symmetric positive definite matrices via Cholesky."""
+    factor, info = torch.linalg.cholesky_ex(blocks)
+    if bool((info != 0).any()):
+        # Round-off made a block indefinite: fall back to a symmetric pseudo-inverse.
+        values, vectors = torch.linalg.eigh(blocks)
+        floor = values.abs().amax(-1, keepdim=True) * torch.finfo(blocks.dtype).eps * 16
+        values = torch.where(values > floor, values, floor)
+        return (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+    return torch.cholesky_inverse(factor)
+
+
+class KeptSet:
+    """Low-rank state for a kept set of groups of one :class:`LayerProblem` (see module doc)."""
+
+    def __init__(
+        self,
+        problem: LayerProblem,
+        kept_groups,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else problem.device
+        self.dtype = dtype
+        self.H = problem.H.to(self.device, dtype)
+        self.C = thin_factor(problem.G.to(self.device, torch.float64)).to(dtype)
+        self.c0 = problem.c0
+        self.num_groups = problem.num_groups
+        self.group_columns = [cols.to(self.device) for cols in problem.groups]
+        self.buckets = size_buckets(problem, self.device)
+        self.always_kept = problem.always_kept_columns.to(self.device)
+        self.kept_group = torch.zeros(self.num_groups, dtype=torch.bool, device=self.device)
+        self.kept_group[list(kept_groups)] = True
+        self.tracking_outside = False
+        self.updates_since_refresh = 0
+        self.refresh()
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def num_columns(self) -> int:
+        return self.H.shape[0]
+
+    def kept_columns_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.num_columns, dtype=torch.bool, device=self.device)
+        mask[self.always_kept] = True
+        for g in torch.nonzero(self.kept_group).flatten().tolist():
+            mask[self.group_columns[g]] = True
+        return mask
+
+    def support(self) -> tuple[int, ...]:
+        return tuple(torch.nonzero(self.kept_group).flatten().tolist())
+
+    def columns_of(self, group_ids) -> torch.Tensor:
+        return torch.cat([self.group_columns[int(g)] for g in group_ids])
+
+    def refresh(self) -> None:
+        """Recompute ``Hinv``, ``B``, ``loss`` (and ``P``, ``E`` when tracked) from scratch."""
+        p, r = self.C.shape
+        kept = self.kept_columns_mask()
+        R = torch.nonzero(kept).flatten()
+        self.Hinv = torch.zeros((p, p), dtype=self.dtype, device=self.device)
+        self.B = torch.zeros((p, r), dtype=self.dtype, device=self.device)
+        self.kept = kept
+        if R.numel():
+            inverse = _spd_inverse(self.H[R][:, R])
+            self.Hinv[R.unsqueeze(1), R] = inverse
+            self.B[R] = inverse @ self.C[R]
+            self.loss = self.c0 - float((self.C[R] * self.B[R]).sum())
+        else:
+            self.loss = self.c0
+        if self.tracking_outside:
+            self._init_outside()
+        self.updates_since_refresh = 0
+
+    def track_outside(self) -> None:
+        """Start maintaining ``P`` and ``E`` for the columns outside ``R`` (needed by adds)."""
+        self.tracking_outside = True
+        self._init_outside()
+
+    def _init_outside(self) -> None:
+        p, r = self.C.shape
+        R = torch.nonzero(self.kept).flatten()
+        O = torch.nonzero(~self.kept).flatten()
+        self.P = torch.zeros((p, p), dtype=self.dtype, device=self.device)
+        self.E = torch.zeros((p, r), dtype=self.dtype, device=self.device)
+        if O.numel() == 0:
+            return
+        self.E[O] = self.C[O]
+        if R.numel():
+            H_OR = self.H[O][:, R]
+            self.P[O.unsqueeze(1), R] = H_OR @ self.Hinv[R][:, R]
+            self.E[O] -= H_OR @ self.B[R]
+
+    # ------------------------------------------------------------------ updates
+    def remove_groups(self, group_ids) -> float:
+        """Remove kept groups jointly (rank-d downdate); returns the loss increase."""
+        q = self.columns_of(group_ids)
+        hq = self.Hinv[:, q].clone()
+        K = _spd_inverse(hq[q])
+        Bq = self.B[q].clone()
+        KBq = K @ Bq
+        increase = float((Bq * KBq).sum())
+        KhT = K @ hq.T
+        self.Hinv.addmm_(hq, KhT, alpha=-1)
+        self.B.addmm_(hq, KBq, alpha=-1)
+        self.Hinv[q] = 0
+        self.Hinv[:, q] = 0
+        self.B[q] = 0
+        if self.tracking_outside:
+            Pq = self.P[:, q].clone()
+            self.P.addmm_(Pq, KhT, alpha=-1)
+            self.E.addmm_(Pq, KBq)
+            self.P[:, q] = 0
+            self.P[q] = -KhT
+            self.P[q.unsqueeze(1), q] = 0
+            self.E[q] = KBq
+        self.kept[q] = False
+        self.kept_group[torch.as_tensor(list(group_ids), device=self.device)] = False
+        self.loss += increase
+        self.updates_since_refresh += 1
+        return increase
+
+    def add_groups(self, group_ids) -> float:
+        """Add outside groups jointly (block-inverse update); returns the loss decrease."""
+        if not self.tracking_outside:
+            self.track_outside()
+        a = self.columns_of(group_ids)
+        Pa = self.P[a].clone()
+        H_a = self.H[:, a]
+        S = H_a[a] - Pa @ H_a
+        S = 0.5 * (S + S.T)
+        Sinv = _spd_inverse(S)
+        Ea = self.E[a].clone()
+        xa = Sinv @ Ea
+        gain = float((Ea * xa).sum())
+        SinvPa = Sinv @ Pa
+        # Outside rows first (they need the old P): W_o = H_oa - P_o H_Ra.
+        outside = ~self.kept
+        outside[a] = False
+        WS = (H_a - self.P @ H_a) @ Sinv
+        WS[~outside] = 0
+        self.P.addmm_(WS, Pa, alpha=-1)
+        self.P[:, a] = WS
+        self.E.addmm_(WS, Ea, alpha=-1)
+        self.P[a] = 0
+        self.E[a] = 0
+        # Kept side: block inverse.
+        self.Hinv.addmm_(Pa.T, SinvPa)
+        self.Hinv[:, a] = -SinvPa.T
+        self.Hinv[a] = -SinvPa
+        self.Hinv[a.unsqueeze(1), a] = Sinv
+        self.B.addmm_(Pa.T, xa, alpha=-1)
+        self.B[a] = xa
+        self.kept[a] = True
+        self.kept_group[torch.as_tensor(list(group_ids), device=self.device)] = True
+        self.loss -= gain
+        self.updates_since_refresh += 1
+        return gain
+
+    # ------------------------------------------------------------------ scores
+    def removal_scores(self) -> torch.Tensor:
+        """Loss increase of removing each kept group alone; ``+inf`` for groups not kept. (G,)"""
+        scores = torch.full((self.num_groups,), float("inf"), dtype=self.dtype, device=self.device)
+        for bucket in self.buckets:
+            mask = self.kept_group[bucket.group_ids]
+            if not mask.any():
+                continue
+            cols = bucket.columns[mask]
+            if bucket.size == 1:
+                c = cols[:, 0]
+                values = self.B[c].square().sum(1) / self.Hinv[c, c]
+            else:
+                blocks = self.Hinv[cols.unsqueeze(2), cols.unsqueeze(1)]
+                Bq = self.B[cols]
+                values = (Bq * (_spd_inverse(blocks) @ Bq)).sum((1, 2))
+            scores[bucket.group_ids[mask]] = values
+        return scores
+
+    def outside_schur(self, cols: torch.Tensor) -> torch.Tensor:
+        """Schur complements ``S_a = H_aa - H_aR Hinv H_Ra`` for outside groups ``cols`` (n, d)."""
+        if cols.shape[1] == 1:
+            c = cols[:, 0]
+            return (self.H[c, c] - (self.P[c] * self.H[c]).sum(1)).view(-1, 1, 1)
+        Pa = self.P[cols]
+        H_blocks = self.H[cols]
+        S = self.H[cols.unsqueeze(2), cols.unsqueeze(1)] - Pa @ H_blocks.transpose(1, 2)
+        return 0.5 * (S + S.transpose(1, 2))
+
+    def add_gains(self, excluded: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss decrease of adding each outside group alone; ``-inf`` for kept/excluded. (G,)"""
+        if not self.tracking_outside:
+            self.track_outside()
+        gains = torch.full((self.num_groups,), float("-inf"), dtype=self.dtype, device=self.device)
+        for bucket in self.buckets:
+            mask = ~self.kept_group[bucket.group_ids]
+            if excluded is not None:
+                mask &= ~excluded[bucket.group_ids]
+            if not mask.any():
+                continue
+            cols = bucket.columns[mask]
+            S = self.outside_schur(cols)
+            Ea = self.E[cols]
+            gains[bucket.group_ids[mask]] = (Ea * (_spd_inverse(S) @ Ea)).sum((1, 2))
+        return gains
+
+    def best_swap(
+        self, candidates: torch.Tensor, excluded: torch.Tensor | None = None, max_elements: int = 1 << 22
+    ) -> tuple[float, int, int]:
+        """Exact best single swap: remove kept group ``g`` (from ``candidates``), add outside ``j``.
+
+        For every pair the loss after the swap is computed exactly from the rank-d corrections of
+        the add quantities for the removal of ``g`` (no independence assumption):
+        ``E'_a = E_a + P_aq K B_q``, ``S'_a = S_a + P_aq K P_aq^T`` with ``K = (Hinv_qq)^{-1}``,
+        and ``loss' = loss + rem_g - trace(E'^T S'^{-1} E')``. Returns (new loss, g, j).
+        """
+        if not self.tracking_outside:
+            self.track_outside()
+        best = (float("inf"), -1, -1)
+        candidate_mask = torch.zeros(self.num_groups, dtype=torch.bool, device=self.device)
+        candidate_mask[candidates] = True
+        for in_bucket in self.buckets:
+            q_mask = candidate_mask[in_bucket.group_ids] & self.kept_group[in_bucket.group_ids]
+            if not q_mask.any():
+                continue
+            q_ids = in_bucket.group_ids[q_mask]
+            q_cols = in_bucket.columns[q_mask]
+            for out_bucket in self.buckets:
+                a_mask = ~self.kept_group[out_bucket.group_ids]
+                if excluded is not None:
+                    a_mask &= ~excluded[out_bucket.group_ids]
+                if not a_mask.any():
+                    continue
+                a_ids = out_bucket.group_ids[a_mask]
+                a_cols = out_bucket.columns[a_mask]
+                result = self._best_pair(q_ids, q_cols, a_ids, a_cols, max_elements)
+                if result[0] < best[0]:
+                    best = result
+        return best
+
+    def _best_pair(self, q_ids, q_cols, a_ids, a_cols, max_elements) -> tuple[float, int, int]:
+        na, da = a_cols.shape
+        nq, dq = q_cols.shape
+        S_a = self.outside_schur(a_cols)  # (na, da, da)
+        E_a = self.E[a_cols]  # (na, da, r)
+        EE_a = E_a @ E_a.transpose(1, 2)
+        a_flat = a_cols.reshape(-1)
+        chunk = max(1, max_elements // max(1, na * da * max(da, dq)))
+        best = (float("inf"), -1, -1)
+        for start in range(0, nq, chunk):
+            cols = q_cols[start : start + chunk]
+            ids = q_ids[start : start + chunk]
+            n = cols.shape[0]
+            Hqq = self.Hinv[cols.unsqueeze(2), cols.unsqueeze(1)]  # (n, dq, dq)
+            K = _spd_inverse(Hqq)
+            Bq = self.B[cols]  # (n, dq, r)
+            KBq = K @ Bq
+            removal = (Bq * KBq).sum((1, 2))  # (n,)
+            q_flat = cols.reshape(-1)
+            P_aq = self.P[a_flat][:, q_flat].view(na, da, n, dq).permute(0, 2, 1, 3)
+            EB = (self.E[a_flat] @ self.B[q_flat].T).view(na, da, n, dq).permute(0, 2, 1, 3)
+            if da == 1 and dq == 1:
+                k = K.view(1, n)
+                p_aq = P_aq.reshape(na, n)
+                m_aq = p_aq * k
+                S_new = S_a.view(na, 1) + m_aq * p_aq
+                BB = Bq.square().sum((1, 2)).view(1, n)
+                EE_new = EE_a.view(na, 1) + 2 * m_aq * EB.reshape(na, n) + m_aq.square() * BB
+                gain = EE_new / S_new
+            else:
+                M = P_aq @ K.unsqueeze(0)  # (na, n, da, dq)
+                S_new = S_a.unsqueeze(1) + M @ P_aq.transpose(2, 3)
+                BB = Bq @ Bq.transpose(1, 2)  # (n, dq, dq)
+                cross = EB @ M.transpose(2, 3)
+                EE_new = EE_a.unsqueeze(1) + cross + cross.transpose(2, 3) + M @ BB.unsqueeze(0) @ M.transpose(2, 3)
+                S_new = 0.5 * (S_new + S_new.transpose(2, 3))
+                gain = torch.diagonal(_spd_inverse(S_new) @ EE_new, dim1=2, dim2=3).sum(-1)
+            new_loss = self.loss + removal.view(1, n) - gain  # (na, n)
+            flat = int(torch.argmin(new_loss))
+            value = float(new_loss.view(-1)[flat])
+            if value < best[0]:
+                best = (value, int(ids[flat % n]), int(a_ids[flat // n]))
+        return best
