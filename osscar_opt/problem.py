@@ -333,6 +333,18 @@ class LayerProblem:
         factor = torch.linalg.cholesky(H_RR)
         return columns, torch.cholesky_solve(G_R, factor)
 
+    def evaluate(self, support: Iterable[int]) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+        """Loss, weight ``(m, p_in)`` and re-fit bias (or None) of ``support`` from one factorization."""
+        columns, kept_t = self._kept_solution(support)
+        full = torch.zeros((self.num_outputs, self.num_columns), dtype=torch.float64, device=self.H.device)
+        if columns.numel() == 0:
+            loss = self.c0
+        else:
+            loss = self.c0 - float((self.G[columns].to(torch.float64) * kept_t).sum())
+            full[:, columns] = kept_t.T
+        bias = full[:, -1] if self.has_bias_column else None
+        return loss, full[:, : self.num_inputs], bias
+
     def loss(self, support: Iterable[int]) -> float:
         """``c0 - trace(G_R^T H_RR^{-1} G_R)`` for the kept groups ``support`` (float64)."""
         columns, kept_t = self._kept_solution(support)

@@ -46,15 +46,15 @@ def finish(
         raise ValueError(
             f"backend {backend_name!r} returned {len(support)} groups for keep={keep}"
         )
-    loss = problem.loss(support)
+    loss, weights, bias = problem.evaluate(support)
     lower_bound = result.lower_bound
     if lower_bound is not None:
         lower_bound = float(lower_bound)
     return Solution(
         support=support,
         loss=loss,
-        weights=problem.weights(support),
-        bias=problem.bias(support),
+        weights=weights,
+        bias=bias,
         lower_bound=lower_bound,
         gap=relative_gap(loss, lower_bound),
         status=result.status,

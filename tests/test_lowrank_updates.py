@@ -127,3 +127,36 @@ def test_refresh_equals_updated_state():
     for updated, fresh in zip(before[:4], (state.Hinv, state.B, state.P, state.E), strict=True):
         assert torch.allclose(updated, fresh, rtol=1e-8, atol=1e-10 * fresh.abs().max())
     assert before[4] == pytest.approx(state.loss, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_move_score_equals_applied_move(sizes, seed):
+    problem = random_problem(sizes, outputs=4, seed=seed)
+    support = list(range(0, problem.num_groups, 2))
+    state = KeptSet(problem, support)
+    state.track_outside()
+    drop = support[:2]
+    predicted, add = state.score_batch_move(drop, 2)
+    moved = [g for g in support if g not in drop] + add
+    assert len(set(moved)) == len(support)
+    assert predicted == pytest.approx(scratch_loss(problem, moved), rel=1e-8)
+    # The added groups are the two best single adds against the reduced support.
+    reduced = [g for g in support if g not in drop]
+    base = scratch_loss(problem, reduced)
+    single = {j: base - scratch_loss(problem, reduced + [j]) for j in range(problem.num_groups) if j not in reduced}
+    assert sorted(add) == sorted(sorted(single, key=single.get, reverse=True)[:2])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maintained_schur_blocks_match_scratch(sizes, seed):
+    problem = random_problem(sizes, outputs=4, seed=seed)
+    state = KeptSet(problem, range(problem.num_groups))
+    state.remove_groups([0, 1])
+    state.track_outside()
+    state.remove_groups([2])
+    state.add_groups([0])
+    fresh = KeptSet(problem, state.support())
+    fresh.track_outside()
+    for index in range(len(state.buckets)):
+        outside = ~state.kept_group[state.buckets[index].group_ids]
+        assert torch.allclose(state.S[index][outside], fresh.S[index][outside], rtol=1e-7, atol=1e-9)

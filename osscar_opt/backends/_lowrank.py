@@ -92,6 +92,11 @@ class KeptSet:
         self.group_columns = [cols.to(self.device) for cols in problem.groups]
         self.buckets = size_buckets(problem, self.device)
         self.always_kept = problem.always_kept_columns.to(self.device)
+        self.bucket_of_group = torch.zeros(self.num_groups, dtype=torch.int64)
+        self.slot_of_group = torch.zeros(self.num_groups, dtype=torch.int64)
+        for index, bucket in enumerate(self.buckets):
+            self.bucket_of_group[bucket.group_ids.cpu()] = index
+            self.slot_of_group[bucket.group_ids.cpu()] = torch.arange(bucket.group_ids.numel())
         self.kept_group = torch.zeros(self.num_groups, dtype=torch.bool, device=self.device)
         self.kept_group[list(kept_groups)] = True
         self.tracking_outside = False
@@ -146,6 +151,10 @@ class KeptSet:
         O = torch.nonzero(~self.kept).flatten()
         self.P = torch.zeros((p, p), dtype=self.dtype, device=self.device)
         self.E = torch.zeros((p, r), dtype=self.dtype, device=self.device)
+        self.S = [
+            torch.zeros((b.columns.shape[0], b.size, b.size), dtype=self.dtype, device=self.device)
+            for b in self.buckets
+        ]
         if O.numel() == 0:
             return
         self.E[O] = self.C[O]
@@ -153,6 +162,29 @@ class KeptSet:
             H_OR = self.H[O][:, R]
             self.P[O.unsqueeze(1), R] = H_OR @ self.Hinv[R][:, R]
             self.E[O] -= H_OR @ self.B[R]
+        for index, bucket in enumerate(self.buckets):
+            outside = ~self.kept_group[bucket.group_ids]
+            if outside.any():
+                self.S[index][outside] = self._schur_from_scratch(bucket.columns[outside])
+
+    def _schur_from_scratch(self, cols: torch.Tensor) -> torch.Tensor:
+        """``S_a = H_aa - H_aR Hinv H_Ra`` for outside groups with columns ``cols`` (n, d)."""
+        Pa = self.P[cols]
+        S = self.H[cols.unsqueeze(2), cols.unsqueeze(1)] - Pa @ self.H[cols].transpose(1, 2)
+        return 0.5 * (S + S.transpose(1, 2))
+
+    def _group_offsets(self, group_ids) -> list[tuple[int, int, int]]:
+        """(group id, start, size) of each group inside ``columns_of(group_ids)``."""
+        offsets, start = [], 0
+        for g in group_ids:
+            size = self.group_columns[int(g)].numel()
+            offsets.append((int(g), start, size))
+            start += size
+        return offsets
+
+    def _set_schur(self, group_id: int, block: torch.Tensor) -> None:
+        index = int(self.bucket_of_group[group_id])
+        self.S[index][int(self.slot_of_group[group_id])] = block
 
     # ------------------------------------------------------------------ updates
     def remove_groups(self, group_ids) -> float:
@@ -177,6 +209,11 @@ class KeptSet:
             self.P[q] = -KhT
             self.P[q.unsqueeze(1), q] = 0
             self.E[q] = KBq
+            for index, bucket in enumerate(self.buckets):
+                rows = Pq[bucket.columns]  # (n, d, dq)
+                self.S[index] += rows @ K @ rows.transpose(1, 2)
+            for group_id, offset, size in self._group_offsets(group_ids):
+                self._set_schur(group_id, K[offset : offset + size, offset : offset + size])
         self.kept[q] = False
         self.kept_group[torch.as_tensor(list(group_ids), device=self.device)] = False
         self.loss += increase
@@ -200,8 +237,11 @@ class KeptSet:
         # Outside rows first (they need the old P): W_o = H_oa - P_o H_Ra.
         outside = ~self.kept
         outside[a] = False
-        WS = (H_a - self.P @ H_a) @ Sinv
-        WS[~outside] = 0
+        W = H_a - self.P @ H_a
+        W[~outside] = 0
+        WS = W @ Sinv
+        for index, bucket in enumerate(self.buckets):
+            self.S[index] -= WS[bucket.columns] @ W[bucket.columns].transpose(1, 2)
         self.P.addmm_(WS, Pa, alpha=-1)
         self.P[:, a] = WS
         self.E.addmm_(WS, Ea, alpha=-1)
@@ -239,32 +279,85 @@ class KeptSet:
             scores[bucket.group_ids[mask]] = values
         return scores
 
-    def outside_schur(self, cols: torch.Tensor) -> torch.Tensor:
-        """Schur complements ``S_a = H_aa - H_aR Hinv H_Ra`` for outside groups ``cols`` (n, d)."""
-        if cols.shape[1] == 1:
-            c = cols[:, 0]
-            return (self.H[c, c] - (self.P[c] * self.H[c]).sum(1)).view(-1, 1, 1)
-        Pa = self.P[cols]
-        H_blocks = self.H[cols]
-        S = self.H[cols.unsqueeze(2), cols.unsqueeze(1)] - Pa @ H_blocks.transpose(1, 2)
-        return 0.5 * (S + S.transpose(1, 2))
+    def outside_schur(self, bucket_index: int, mask: torch.Tensor) -> torch.Tensor:
+        """Maintained Schur complements of the outside groups ``mask`` of one bucket (n, d, d)."""
+        return self.S[bucket_index][mask]
 
     def add_gains(self, excluded: torch.Tensor | None = None) -> torch.Tensor:
         """Loss decrease of adding each outside group alone; ``-inf`` for kept/excluded. (G,)"""
         if not self.tracking_outside:
             self.track_outside()
         gains = torch.full((self.num_groups,), float("-inf"), dtype=self.dtype, device=self.device)
-        for bucket in self.buckets:
+        for index, bucket in enumerate(self.buckets):
             mask = ~self.kept_group[bucket.group_ids]
             if excluded is not None:
                 mask &= ~excluded[bucket.group_ids]
             if not mask.any():
                 continue
             cols = bucket.columns[mask]
-            S = self.outside_schur(cols)
+            S = self.outside_schur(index, mask)
             Ea = self.E[cols]
             gains[bucket.group_ids[mask]] = (Ea * (_spd_inverse(S) @ Ea)).sum((1, 2))
         return gains
+
+    def score_batch_move(
+        self, drop_ids: list[int], size: int, excluded: torch.Tensor | None = None
+    ) -> tuple[float, list[int]]:
+        """Exact loss of dropping ``drop_ids`` and adding the ``size`` best groups, not applied.
+
+        After the joint removal of ``D`` (columns ``q``, ``K = (Hinv_qq)^{-1}``) every outside
+        group ``o`` has ``E'_o = E_o + P_oq K B_q`` and ``S'_o = S_o + P_oq K P_oq^T``, and each
+        dropped group ``g`` has ``E'_g = (K B_q)_g``, ``S'_g = K_gg``. The ``size`` groups of largest
+        single add gain ``trace(E'^T S'^{-1} E')`` are then added jointly, scored with their joint
+        Schur complement. Returns (loss after the move, added group ids).
+        """
+        if not self.tracking_outside:
+            self.track_outside()
+        q = self.columns_of(drop_ids)
+        hq = self.Hinv[:, q]
+        K = _spd_inverse(hq[q])
+        Bq = self.B[q]
+        KBq = K @ Bq
+        removal = float((Bq * KBq).sum())
+        dropped = torch.zeros(self.num_groups, dtype=torch.bool, device=self.device)
+        dropped[torch.as_tensor(drop_ids, device=self.device)] = True
+        offsets = {group_id: start for group_id, start, _ in self._group_offsets(drop_ids)}
+        # Reduced-support add quantities for every candidate column (rows of P', E').
+        P_q = self.P[:, q] @ K  # (p, dq): zero on kept rows
+        E_new = self.E + P_q @ Bq
+        E_new[q] = KBq
+        gains = torch.full((self.num_groups,), float("-inf"), dtype=self.dtype, device=self.device)
+        for index, bucket in enumerate(self.buckets):
+            mask = ~self.kept_group[bucket.group_ids] | dropped[bucket.group_ids]
+            if excluded is not None:
+                mask &= ~excluded[bucket.group_ids]
+            if not mask.any():
+                continue
+            cols = bucket.columns[mask]
+            rows = self.P[:, q][cols]  # (n, d, dq)
+            S_new = self.S[index][mask] + rows @ K @ rows.transpose(1, 2)
+            ids = bucket.group_ids[mask]
+            for position in torch.nonzero(dropped[ids]).flatten().tolist():
+                start = offsets[int(ids[position])]
+                S_new[position] = K[start : start + bucket.size, start : start + bucket.size]
+            E_rows = E_new[cols]
+            gains[bucket.group_ids[mask]] = (E_rows * (_spd_inverse(S_new) @ E_rows)).sum((1, 2))
+        count = min(size, int(torch.isfinite(gains).sum()))
+        add_ids = torch.argsort(gains, descending=True, stable=True)[:count].tolist()
+        # Joint gain of the chosen groups against the reduced support.
+        a = self.columns_of(add_ids)
+        P_a = self.P[a] - P_q[a] @ hq.T  # rows of H_aR' Hinv' for a outside R
+        in_q = torch.isin(a, q)
+        if in_q.any():
+            position = {int(c): i for i, c in enumerate(q.tolist())}
+            rows_in_q = torch.tensor([position[int(c)] for c in a[in_q].tolist()], device=self.device)
+            P_a[in_q] = -(K @ hq.T)[rows_in_q]
+        P_a[:, q] = 0
+        S_joint = self.H[a][:, a] - P_a @ self.H[:, a]
+        S_joint = 0.5 * (S_joint + S_joint.T)
+        E_a = E_new[a]
+        gain = float((E_a * (_spd_inverse(S_joint) @ E_a)).sum())
+        return self.loss + removal - gain, add_ids
 
     def best_swap(
         self, candidates: torch.Tensor, excluded: torch.Tensor | None = None, max_elements: int = 1 << 22
@@ -287,7 +380,7 @@ class KeptSet:
                 continue
             q_ids = in_bucket.group_ids[q_mask]
             q_cols = in_bucket.columns[q_mask]
-            for out_bucket in self.buckets:
+            for out_index, out_bucket in enumerate(self.buckets):
                 a_mask = ~self.kept_group[out_bucket.group_ids]
                 if excluded is not None:
                     a_mask &= ~excluded[out_bucket.group_ids]
@@ -295,15 +388,15 @@ class KeptSet:
                     continue
                 a_ids = out_bucket.group_ids[a_mask]
                 a_cols = out_bucket.columns[a_mask]
-                result = self._best_pair(q_ids, q_cols, a_ids, a_cols, max_elements)
+                S_a = self.outside_schur(out_index, a_mask)
+                result = self._best_pair(q_ids, q_cols, a_ids, a_cols, S_a, max_elements)
                 if result[0] < best[0]:
                     best = result
         return best
 
-    def _best_pair(self, q_ids, q_cols, a_ids, a_cols, max_elements) -> tuple[float, int, int]:
+    def _best_pair(self, q_ids, q_cols, a_ids, a_cols, S_a, max_elements) -> tuple[float, int, int]:
         na, da = a_cols.shape
         nq, dq = q_cols.shape
-        S_a = self.outside_schur(a_cols)  # (na, da, da)
         E_a = self.E[a_cols]  # (na, da, r)
         EE_a = E_a @ E_a.transpose(1, 2)
         a_flat = a_cols.reshape(-1)
@@ -319,7 +412,7 @@ class KeptSet:
             KBq = K @ Bq
             removal = (Bq * KBq).sum((1, 2))  # (n,)
             q_flat = cols.reshape(-1)
-            P_aq = self.P[a_flat][:, q_flat].view(na, da, n, dq).permute(0, 2, 1, 3)
+            P_aq = self.P[a_flat.unsqueeze(1), q_flat].view(na, da, n, dq).permute(0, 2, 1, 3)
             EB = (self.E[a_flat] @ self.B[q_flat].T).view(na, da, n, dq).permute(0, 2, 1, 3)
             if da == 1 and dq == 1:
                 k = K.view(1, n)
