@@ -4,7 +4,7 @@
    groups in ``stages`` stages; each stage removes the groups with the smallest exact removal
    scores jointly with one rank-(d * count) downdate. Dead groups (inputs that never fire on the
    calibration data) are removed first, explicitly.
-2. **Swap moves**: with swap size ``s`` (default a quarter of the smaller side), drop the ``s``
+2. **Swap moves**: with swap size ``s`` (default 1/64 of the smaller side), drop the ``s``
    kept groups of least removal score, add the ``s`` outside groups of largest exact add gain
    against the reduced support, keep the move only if the loss went down, else halve ``s``. At
    ``s = 1`` every (kept, outside) pair among ``swap_candidates`` kept groups is scored exactly
@@ -187,7 +187,7 @@ class LocalSearchBackend(Backend):
         removal_count = num_groups - keep
         stages = _positive_int("stages", options.get("stages", min(max(removal_count, 1), 8)))
         max_swaps = _positive_int("max_swaps", options.get("max_swaps", 200), minimum=0)
-        default_swap = max(1, min(keep, removal_count) // 4)
+        default_swap = max(1, min(keep, removal_count) // 64)
         swap_size = _positive_int("swap_size", options.get("swap_size", default_swap))
         swap_candidates = _positive_int("swap_candidates", options.get("swap_candidates", 128))
         refresh_every = _positive_int("refresh_every", options.get("refresh_every", 64))
