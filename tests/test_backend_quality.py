@@ -139,3 +139,10 @@ def test_enumerate_refuses_large_problems():
     problem = random_problem([1] * 30, outputs=4, seed=11)
     with pytest.raises(ValueError, match="max_subsets"):
         solve(problem, 15, backend="enumerate")
+
+
+def test_oversized_swap_size_is_clamped_to_the_sides():
+    problem = random_problem([1] * 10, outputs=4, seed=12)
+    solution = solve(problem, 8, backend="local-search", swap_size=50)
+    assert len(solution.support) == 8
+    assert solution.loss <= solve(problem, 8, backend="greedy").loss * (1 + 1e-9)

@@ -146,6 +146,11 @@ class SwapSearch:
         """
         state = self.state
         self.tried += 1
+        kept = int(state.kept_group.sum())
+        live_outside = int((~state.kept_group & ~self.excluded).sum())
+        size = min(size, kept, live_outside)
+        if size == 0:
+            return False
         drop = torch.argsort(state.removal_scores(), stable=True)[:size].tolist()
         new_loss, add = state.score_batch_move(drop, size, self.excluded)
         if len(add) != len(drop) or sorted(add) == sorted(drop) or not self.improves(new_loss, state.loss):
