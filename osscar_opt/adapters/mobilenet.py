@@ -1,0 +1,64 @@
+"""torchvision MobileNetV2: hidden channels of every expanding inverted residual.
+
+An expanding block is ``expand 1x1 conv + BN + ReLU6 -> depthwise 3x3 conv + BN + ReLU6 ->
+projection 1x1 conv + BN``. The hidden channels are the groups of the projection conv (the
+consumer, one column per channel); the expand conv and its BN lose output channels, and the
+depthwise conv and its BN are coupled producers that lose the same channels (its ``groups``
+shrink with them). Blocks without expansion (``expand_ratio == 1``) read the residual stream
+directly and are left alone, as are the stem, the last 1x1 conv and the classifier.
+
+The architecture is recognized from module types and structure, never from names.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
+
+from osscar_opt.adapters.channels import ChannelUnit, Stage, is_depthwise
+
+ARCHITECTURES: tuple[str, ...] = ("mobilenet_v2",)
+
+
+def _conv_bn(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    """``(conv, bn)`` of a Conv2dNormActivation-like Sequential, else None."""
+    if not isinstance(module, nn.Sequential) or len(module) < 2:
+        return None
+    conv, bn = module[0], module[1]
+    if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        return conv, bn
+    return None
+
+
+def block_units(block: InvertedResidual) -> tuple[ChannelUnit, ...]:
+    """The hidden-channel unit of an expanding inverted residual; ``()`` for a non-expanding one."""
+    body = block.conv
+    if len(body) != 4:
+        return ()
+    expand, depthwise = _conv_bn(body[0]), _conv_bn(body[1])
+    projection = body[2]
+    if expand is None or depthwise is None or not isinstance(projection, nn.Conv2d):
+        raise ValueError("model: unexpected InvertedResidual layout (expected expand, depthwise, projection)")
+    if expand[0].groups != 1 or not is_depthwise(depthwise[0]) or projection.groups != 1:
+        raise ValueError("model: unexpected InvertedResidual convs (expand and projection dense, middle depthwise)")
+    return (ChannelUnit("conv.2", ("conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1")),)
+
+
+def architecture(model: nn.Module) -> str | None:
+    """``"mobilenet_v2"`` for a torchvision MobileNetV2 (any width), else None."""
+    if not isinstance(model, MobileNetV2):
+        return None
+    if not any(isinstance(module, InvertedResidual) for module in model.features):
+        return None
+    return "mobilenet_v2"
+
+
+def stages(model: MobileNetV2) -> list[Stage]:
+    """Calibration stages: ``features[i]`` up to the last inverted residual."""
+    last = max(i for i, module in enumerate(model.features) if isinstance(module, InvertedResidual))
+    result = []
+    for index in range(last + 1):
+        module = model.features[index]
+        units = block_units(module) if isinstance(module, InvertedResidual) else ()
+        result.append(Stage(f"features.{index}", module, units))
+    return result

@@ -1,0 +1,189 @@
+"""Save / reload family ``"torchvision"``: pruned ResNets and MobileNetV2 with their new shapes.
+
+``export`` records the architecture name, the number of classes and the shape of every Conv2d,
+BatchNorm2d and Linear (so any pruned width, and any ``width_mult``, is rebuilt exactly);
+``rebuild`` builds the stock torchvision model, replaces those modules by ones of the recorded
+shapes and loads the safetensors state dict (no pickle). ``osscar_opt.io`` does the atomic write and
+dispatches on ``meta["family"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+FAMILY = "torchvision"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def handles(model: nn.Module) -> bool:
+    """True for a model the vision adapters support (torchvision ResNet 18/34/50/101, MobileNetV2)."""
+    from osscar_opt.vision import identify
+
+    try:
+        identify(model)
+    except ValueError:
+        return False
+    return True
+
+
+def module_shape(module: nn.Module) -> dict[str, Any] | None:
+    """The shape record of a Conv2d / BatchNorm2d / Linear, else None."""
+    if isinstance(module, nn.Conv2d):
+        return {
+            "type": "conv2d",
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "groups": module.groups,
+            "bias": module.bias is not None,
+        }
+    if isinstance(module, nn.BatchNorm2d):
+        return {"type": "batchnorm2d", "num_features": module.num_features}
+    if isinstance(module, nn.Linear):
+        return {
+            "type": "linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
+    return None
+
+
+def shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Shape records of every Conv2d, BatchNorm2d and Linear of ``model``, by module path."""
+    return {name: shape for name, module in model.named_modules() if (shape := module_shape(module)) is not None}
+
+
+def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(meta, state_dict)`` of a supported model; tensors are detached, contiguous CPU copies."""
+    from osscar_opt.vision import identify, internal_channels
+
+    architecture, _ = identify(model)
+    layer_shapes = shapes(model)
+    classifier = [shape for shape in layer_shapes.values() if shape["type"] == "linear"][-1]
+    meta = {
+        "family": FAMILY,
+        "architecture": architecture,
+        "num_classes": classifier["out_features"],
+        "internal_channels": internal_channels(model),
+        "modules": layer_shapes,
+        "torchvision_version": torchvision.__version__,
+    }
+    state = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
+    return meta, state
+
+
+def _resized(module: nn.Module, shape: Mapping[str, Any], path: str) -> nn.Module:
+    """A fresh module like ``module`` with the recorded ``shape`` (parameters re-initialized)."""
+    kind = shape.get("type")
+    if kind == "conv2d" and isinstance(module, nn.Conv2d):
+        return nn.Conv2d(
+            int(shape["in_channels"]), int(shape["out_channels"]), module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=int(shape["groups"]),
+            bias=bool(shape["bias"]), padding_mode=module.padding_mode,
+        )
+    if kind == "batchnorm2d" and isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(
+            int(shape["num_features"]), eps=module.eps, momentum=module.momentum, affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+    if kind == "linear" and isinstance(module, nn.Linear):
+        return nn.Linear(int(shape["in_features"]), int(shape["out_features"]), bias=bool(shape["bias"]))
+    raise ValueError(f"meta: module {path} is a {type(module).__name__}, the record says {kind!r}")
+
+
+def resize(model: nn.Module, layer_shapes: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """Replace every recorded module of ``model`` (in place) by one of the recorded shape."""
+    present = shapes(model)
+    if set(present) != set(layer_shapes):
+        missing = sorted(set(present) ^ set(layer_shapes))[:5]
+        raise ValueError(f"meta: recorded modules do not match the stock architecture (e.g. {missing})")
+    for path, shape in layer_shapes.items():
+        if present[path] == dict(shape):
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, _resized(getattr(parent, child), shape, path))
+    refresh_residual_flags(model)
+    return model
+
+
+def refresh_residual_flags(model: nn.Module) -> None:
+    """Recompute MobileNetV2's ``use_res_connect`` after a resize (it depends on the width:
+    a block adds its input when its stride is 1 and it keeps the channel count)."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    for block in model.modules():
+        if isinstance(block, InvertedResidual):
+            convs = [module for module in block.conv.modules() if isinstance(module, nn.Conv2d)]
+            stride = max(max(conv.stride) for conv in convs)
+            block.use_res_connect = stride == 1 and convs[0].in_channels == convs[-1].out_channels
+            block.out_channels = convs[-1].out_channels
+
+
+def build(meta: Mapping[str, Any]) -> nn.Module:
+    """The stock architecture of ``meta`` resized to its recorded module shapes (weights not loaded)."""
+    from osscar_opt.vision import SUPPORTED
+
+    architecture = meta.get("architecture")
+    if architecture not in SUPPORTED:
+        raise ValueError(f"meta: architecture {architecture!r} is not one of {', '.join(SUPPORTED)}")
+    modules = meta.get("modules")
+    if not isinstance(modules, Mapping):
+        raise ValueError("meta: missing the 'modules' shape records")
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=int(meta["num_classes"]))
+    return resize(model, modules)
+
+
+def rebuild(meta: Mapping[str, Any], directory: str | Path) -> nn.Module:
+    """Rebuild a saved model from ``meta`` and ``directory/model.safetensors``, in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ValueError(f"directory: no {WEIGHTS_FILE} in {directory}")
+    model = build(meta)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"directory: {path} is not a readable safetensors file ({exc})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"directory: weights in {path} do not match the recorded shapes ({exc})") from exc
+    return model.eval()
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize a stock ``model`` to the shapes implied by ``state`` (e.g. a pruned checkpoint) and
+    load it. Depthwise convs are recognized by their single input channel per group."""
+    layer_shapes = shapes(model)
+    for path, shape in layer_shapes.items():
+        weight = state.get(f"{path}.weight")
+        if weight is None:
+            continue
+        if shape["type"] == "conv2d":
+            depthwise = shape["groups"] > 1 and weight.shape[1] == 1
+            shape.update(
+                out_channels=int(weight.shape[0]),
+                groups=int(weight.shape[0]) if depthwise else shape["groups"],
+                in_channels=int(weight.shape[0]) if depthwise else int(weight.shape[1]) * shape["groups"],
+                bias=f"{path}.bias" in state,
+            )
+        elif shape["type"] == "batchnorm2d":
+            shape.update(num_features=int(weight.shape[0]))
+        else:
+            shape.update(
+                out_features=int(weight.shape[0]), in_features=int(weight.shape[1]), bias=f"{path}.bias" in state
+            )
+    resize(model, layer_shapes)
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights: do not fit the {type(model).__name__} architecture ({exc})") from exc
+    return model
