@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from osscar_opt import load_pruned, save_pruned
 from osscar_opt.adapters import torchvision_io
+from osscar_opt.io import META_FILE
 from osscar_opt.vision import SUPPORTED, channels_to_keep, identify, internal_channels, prune_vision
 
 
@@ -85,10 +88,10 @@ def test_resnet18_forward_after_pruning_and_reload(images, tmp_path):
     result = outputs(pruned, images)
     assert result.shape == (6, 5) and torch.isfinite(result).all()
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-    meta, state = torchvision_io.export(pruned)
-    save_file(state, str(tmp_path / torchvision_io.WEIGHTS_FILE))
-    reloaded = torchvision_io.rebuild(meta, tmp_path)
+    save_pruned(pruned, tmp_path / "resnet18")
+    reloaded = load_pruned(tmp_path / "resnet18")
     assert torch.equal(outputs(reloaded, images), result)
+    assert internal_channels(reloaded) == internal_channels(pruned)
 
 
 def test_mobilenet_forward_local_search_save_reload(images, tmp_path):
@@ -102,8 +105,8 @@ def test_mobilenet_forward_local_search_save_reload(images, tmp_path):
     assert torch.isfinite(result).all()
     meta, state = torchvision_io.export(pruned)
     assert meta["architecture"] == "mobilenet_v2" and meta["internal_channels"] == internal_channels(pruned)
-    save_file(state, str(tmp_path / torchvision_io.WEIGHTS_FILE))
-    assert torch.equal(outputs(torchvision_io.rebuild(meta, tmp_path), images), result)
+    save_pruned(pruned, tmp_path / "mobilenet")
+    assert torch.equal(outputs(load_pruned(tmp_path / "mobilenet"), images), result)
     fresh = torchvision_io.load_weights(torchvision.models.mobilenet_v2(num_classes=5), state).eval()
     assert torch.equal(outputs(fresh, images), result)
 
@@ -144,12 +147,13 @@ def test_bad_calibration_and_options(images):
         prune_vision(model, images, 0.3, backend_options=["swap=1"])
 
 
-def test_rebuild_rejects_foreign_records(tmp_path):
-    meta, state = torchvision_io.export(small_model("mobilenet_v2"))
+def test_reload_rejects_foreign_records(tmp_path):
+    folder = save_pruned(small_model("mobilenet_v2"), tmp_path / "saved")
+    document = json.loads((folder / META_FILE).read_text())
+    for change, message in (({"architecture": "vgg11"}, "architecture"), ({"modules": {}}, "meta")):
+        (folder / META_FILE).write_text(json.dumps({**document, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_pruned(folder)
+    (folder / torchvision_io.WEIGHTS_FILE).unlink()
     with pytest.raises(ValueError, match="directory"):
-        torchvision_io.rebuild(meta, tmp_path)
-    save_file(state, str(tmp_path / torchvision_io.WEIGHTS_FILE))
-    with pytest.raises(ValueError, match="architecture"):
-        torchvision_io.rebuild({**meta, "architecture": "vgg11"}, tmp_path)
-    with pytest.raises(ValueError, match="meta"):
-        torchvision_io.rebuild({**meta, "modules": {}}, tmp_path)
+        torchvision_io.rebuild(document, folder)

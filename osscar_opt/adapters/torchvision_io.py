@@ -3,8 +3,8 @@
 ``export`` records the architecture name, the number of classes and the shape of every Conv2d,
 BatchNorm2d and Linear (so any pruned width, and any ``width_mult``, is rebuilt exactly);
 ``rebuild`` builds the stock torchvision model, replaces those modules by ones of the recorded
-shapes and loads the safetensors state dict (no pickle). ``osscar_opt.io`` does the atomic write and
-dispatches on ``meta["family"]``.
+shapes and loads the safetensors state dict (no pickle). ``osscar_opt.io`` (``save_pruned`` /
+``load_pruned``) does the atomic write and dispatches on the family name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 import torchvision
 from torch import nn
 
-FAMILY = "torchvision"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -67,7 +66,6 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     layer_shapes = shapes(model)
     classifier = [shape for shape in layer_shapes.values() if shape["type"] == "linear"][-1]
     meta = {
-        "family": FAMILY,
         "architecture": architecture,
         "num_classes": classifier["out_features"],
         "internal_channels": internal_channels(model),
@@ -141,15 +139,18 @@ def build(meta: Mapping[str, Any]) -> nn.Module:
 
 
 def rebuild(meta: Mapping[str, Any], directory: str | Path) -> nn.Module:
-    """Rebuild a saved model from ``meta`` and ``directory/model.safetensors``, in eval mode."""
-    from safetensors.torch import load_file
+    """Rebuild a model saved by ``osscar_opt.save_pruned`` from its ``meta`` and the weights in
+    ``directory`` (read with ``osscar_opt.io.read_state_dict``), in eval mode."""
+    from osscar_opt.io import read_state_dict
 
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise ValueError(f"directory: no {WEIGHTS_FILE} in {directory}")
     model = build(meta)
     try:
-        state = load_file(str(path))
+        state = read_state_dict(directory)
+    except ValueError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
         raise ValueError(f"directory: {path} is not a readable safetensors file ({exc})") from exc
     try:
