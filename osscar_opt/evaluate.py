@@ -1,0 +1,208 @@
+"""Evaluation: perplexity (causal LMs), embedding cosine and retrieval (encoders), size and speed.
+
+* perplexity: ``exp`` of the mean next-token negative log-likelihood over non-overlapping windows.
+* embeddings: mean pooling of the last hidden state over real tokens (as sentence-transformers
+  does for all-MiniLM-L6-v2); ``cosine_to_dense`` is the mean cosine between pruned and dense
+  embeddings of the same passages.
+* retrieval top-1: each passage's first half must retrieve its own second half among all second
+  halves (cosine of embeddings); label-free.
+* MACs: torch's FLOP counter on a fixed batch, divided by two (one multiply-add = 2 FLOPs).
+* latency: median wall time of a forward pass on that batch, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EvalData:
+    """What a model is evaluated on: passages (encoders) or a token stream (causal LMs)."""
+
+    causal: bool
+    passages: list[str] = field(default_factory=list)
+    stream: torch.Tensor | None = None
+    seq_len: int = 128
+    batch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_eval_data(tokenizer, texts: list[str], causal: bool, *, seq_len: int = 128, max_passages: int = 256,
+                   latency_batch: int = 8) -> EvalData:
+    """Prepare evaluation passages / tokens and the fixed batch used for MACs and latency."""
+    from osscar_opt.data import calibration_ids, token_stream
+
+    if isinstance(seq_len, bool) or int(seq_len) < 1:
+        raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+    ids = calibration_ids(tokenizer, texts, latency_batch, seq_len, seed=1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if causal:
+        return EvalData(True, stream=token_stream(tokenizer, texts), seq_len=seq_len, batch=batch)
+    passages = [p for p in texts if len(p.split()) >= 8][:max_passages]
+    if len(passages) < 2:
+        raise ValueError("eval_text: need at least two passages of 8+ words for the embedding evaluation")
+    return EvalData(False, passages=passages, seq_len=seq_len, batch=batch)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int = 128, batch_size: int = 4,
+               max_windows: int | None = 64) -> float:
+    """Perplexity of a causal LM on non-overlapping ``seq_len`` windows of ``stream`` (1-D ids)."""
+    count = stream.numel() // seq_len
+    if count == 0:
+        raise ValueError(f"eval_text: {stream.numel()} tokens, fewer than seq_len={seq_len}")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    windows = stream[: count * seq_len].view(count, seq_len)
+    total, tokens = 0.0, 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(_device(model))
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        tokens += batch[:, 1:].numel()
+    return math.exp(total / tokens)
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, passages: list[str], batch_size: int = 32,
+                        max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states ``(len(passages), hidden)``, float32 on the CPU."""
+    out = []
+    for start in range(0, len(passages), batch_size):
+        encoded = tokenizer(passages[start : start + batch_size], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt").to(_device(model))
+        hidden = model(**encoded).last_hidden_state.float()
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu())
+    return torch.cat(out)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean row-wise cosine similarity of two ``(n, d)`` embedding matrices."""
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def _halves(passages: list[str]) -> tuple[list[str], list[str]]:
+    first, second = [], []
+    for passage in passages:
+        words = passage.split()
+        cut = len(words) // 2
+        first.append(" ".join(words[:cut]))
+        second.append(" ".join(words[cut:]))
+    return first, second
+
+
+def retrieval_top1(model: nn.Module, tokenizer, passages: list[str], max_length: int = 128) -> float:
+    """Share of passages whose first half retrieves its own second half (top-1, cosine)."""
+    first, second = _halves(passages)
+    queries = torch.nn.functional.normalize(sentence_embeddings(model, tokenizer, first, max_length=max_length), dim=-1)
+    keys = torch.nn.functional.normalize(sentence_embeddings(model, tokenizer, second, max_length=max_length), dim=-1)
+    best = (queries @ keys.T).argmax(dim=1)
+    return float((best == torch.arange(len(passages))).float().mean())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    return int(sum(seen.values()))
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Multiply-accumulates of one forward pass on ``batch`` (torch FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batch)
+    return int(counter.get_total_flops() // 2)
+
+
+@torch.no_grad()
+def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of a forward pass on ``batch``, milliseconds."""
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    cuda = _device(model).type == "cuda"
+    times = []
+    for index in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch)
+        if cuda:
+            torch.cuda.synchronize()
+        if index >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[str, Any] | None = None,
+                   *, speed: bool = True) -> dict[str, Any]:
+    """Size, speed and quality of ``model``; ``reference`` is the dense model's result (for cosine).
+
+    Returns a dict with ``params``, ``macs``, ``latency_ms`` and ``perplexity`` (causal) or
+    ``retrieval_top1`` / ``cosine_to_dense`` (encoders); ``_embeddings`` holds the encoder's
+    embeddings for later comparisons.
+    """
+    was_training = model.training
+    model.eval()
+    batch = dict(data.batch)
+    if data.causal:
+        batch["use_cache"] = False
+    result: dict[str, Any] = {"params": count_parameters(model)}
+    if speed:
+        result["macs"] = count_macs(model, batch)
+        result["latency_ms"] = median_latency_ms(model, batch)
+    if data.causal:
+        result["perplexity"] = perplexity(model, data.stream, data.seq_len)
+    else:
+        embeddings = sentence_embeddings(model, tokenizer, data.passages, max_length=data.seq_len)
+        result["_embeddings"] = embeddings
+        reference_embeddings = embeddings if reference is None else reference["_embeddings"]
+        result["cosine_to_dense"] = mean_cosine(embeddings, reference_embeddings)
+        result["retrieval_top1"] = retrieval_top1(model, tokenizer, data.passages, max_length=data.seq_len)
+    model.train(was_training)
+    return result
+
+
+METRICS = (
+    ("params", "parameters", "{:,.0f}"),
+    ("macs", "MACs", "{:,.0f}"),
+    ("latency_ms", "median latency (ms)", "{:.2f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("cosine_to_dense", "embedding cosine to dense", "{:.4f}"),
+    ("retrieval_top1", "retrieval top-1", "{:.4f}"),
+)
+
+
+def format_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A plain-text before/after table of the metrics both results have, with the ratio."""
+    rows = [("metric", "dense", "pruned", "pruned/dense")]
+    for key, label, fmt in METRICS:
+        if key in before and key in after:
+            ratio = after[key] / before[key] if before[key] else float("nan")
+            rows.append((label, fmt.format(before[key]), fmt.format(after[key]), f"{ratio:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
+             strict=True))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` without private entries (embeddings), JSON-ready."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}

