@@ -270,3 +270,174 @@ def prune_vision(
         "layers": layers,
     }
     return pruned, report
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def parse_backend_options(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["swap_size=4", "float32=true"]`` -> ``{"swap_size": 4, "float32": True}`` (int, float,
+    bool or string values)."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return dict(items)
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"backend_option: expected KEY=VALUE, got {item!r}")
+        options[key.strip()] = _option_value(text.strip())
+    return options
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``, no pickle
+    code execution); a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights: no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"weights: cannot read {path} as safetensors or a torch state dict ({exc})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights: {path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def model_from_weights(architecture: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A stock ``architecture`` sized to the checkpoint (classes, widths, pruned channels) and loaded."""
+    import torchvision
+
+    from osscar_opt.adapters.torchvision_io import load_weights
+
+    classifier = [key for key, value in state.items() if key.endswith(".weight") and value.dim() == 2]
+    if not classifier:
+        raise ValueError("weights: no classifier (2-D weight) in the checkpoint")
+    num_classes = int(state[classifier[-1]].shape[0])
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    return load_weights(model, state).eval()
+
+
+def load_images(path: str | Path) -> torch.Tensor:
+    """Calibration images ``(N, 3, H, W)`` from a safetensors file (key ``images``) or a torch tensor
+    file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"calibration_images: no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        images = load_file(str(path)).get("images")
+    else:
+        images = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"calibration_images: {path} must hold a (N, C, H, W) tensor (key 'images')")
+    return images.float()
+
+
+def run_prune(args: Any) -> int:
+    """``osscar prune --model <torchvision name>``: prune, report, optionally save.
+
+    Without ``--weights`` the model is first trained on the digits data set (a few CPU minutes at
+    most); with ``--weights PATH`` it is loaded from the checkpoint. Calibration images come from
+    ``--calibration-images PATH`` when given, else from the digits training split. The digits test
+    accuracy before and after pruning is reported when the model has 10 classes.
+    """
+    from osscar_opt import vision_data
+
+    architecture = getattr(args, "model", None)
+    if architecture not in SUPPORTED:
+        raise ValueError(f"model: expected one of {', '.join(SUPPORTED)}, got {architecture!r}")
+    sparsity = getattr(args, "channels_sparsity", None)
+    if sparsity is None:
+        raise ValueError("channels_sparsity: required for vision models (--channels-sparsity, in [0, 1))")
+    sparsity = check_sparsity(sparsity)
+    samples = int(getattr(args, "samples", None) or 128)
+    batch_size = int(getattr(args, "batch_size", None) or 32)
+    device = torch.device(getattr(args, "device", None) or "cpu")
+    weights = getattr(args, "weights", None)
+    image_size = getattr(args, "image_size", None) or (
+        224 if weights else (64 if architecture == "mobilenet_v2" else 32)
+    )
+    info: dict[str, Any] = {}
+    if weights:
+        model = model_from_weights(architecture, load_state_dict(weights)).to(device)
+    else:
+        epochs = int(getattr(args, "epochs", None) or 6)
+        print(f"no --weights: training {architecture} on the digits data set for {epochs} epochs ...")
+        model, _, _, trained = vision_data.digits_model(
+            architecture, image_size=image_size, epochs=epochs, device=device
+        )
+        info["train_seconds"] = trained["train_seconds"]
+    images_path = getattr(args, "calibration_images", None)
+    train_split, test_split = vision_data.digits(image_size=image_size)
+    calibration = load_images(images_path) if images_path else train_split.images
+    calibration = calibration[:samples]
+    pruned, report = prune_vision(
+        model, calibration, sparsity, backend=getattr(args, "backend", None) or "local-search",
+        backend_options=parse_backend_options(getattr(args, "backend_option", None)),
+        damp=float(getattr(args, "damp", None) or 1e-2), batch_size=batch_size,
+        refit_bias=bool(getattr(args, "refit_bias", False)), device=device,
+        save_problems=getattr(args, "save_problems", None), verbose=True,
+    )
+    report.update(info)
+    if _num_classes(model) == vision_data.NUM_CLASSES:
+        report["digits_accuracy_dense"] = vision_data.accuracy(model, test_split)
+        report["digits_accuracy_pruned"] = vision_data.accuracy(pruned, test_split)
+    report["parameters_dense"] = sum(p.numel() for p in model.parameters())
+    report["parameters_pruned"] = sum(p.numel() for p in pruned.parameters())
+    _print_summary(report)
+    _write_outputs(pruned, report, getattr(args, "output", None), getattr(args, "report", None))
+    return 0
+
+
+def _num_classes(model: nn.Module) -> int:
+    return [module for module in model.modules() if isinstance(module, nn.Linear)][-1].out_features
+
+
+def _print_summary(report: Mapping[str, Any]) -> None:
+    line = (
+        f"{report['architecture']}: {report['channels_before']} -> {report['channels_after']} internal channels, "
+        f"{report['parameters_dense']} -> {report['parameters_pruned']} parameters, "
+        f"backend {report['backend']}, {report['seconds']:.1f}s"
+    )
+    if "digits_accuracy_pruned" in report:
+        line += (
+            f"; digits test accuracy {100 * report['digits_accuracy_dense']:.1f}% -> "
+            f"{100 * report['digits_accuracy_pruned']:.1f}%"
+        )
+    print(line)
+
+
+def _write_outputs(model: nn.Module, report: Mapping[str, Any], output: str | None, report_path: str | None) -> None:
+    import json
+
+    if output:
+        from osscar_opt.io import save_pruned
+
+        save_pruned(model, output)
+        print(f"saved the pruned model to {output}")
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(json.dumps(report, indent=1))
+        print(f"wrote the report to {report_path}")
