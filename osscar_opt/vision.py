@@ -273,34 +273,6 @@ def prune_vision(
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def parse_backend_options(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["swap_size=4", "float32=true"]`` -> ``{"swap_size": 4, "float32": True}`` (int, float,
-    bool or string values)."""
-    if items is None:
-        return {}
-    if isinstance(items, Mapping):
-        return dict(items)
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"backend_option: expected KEY=VALUE, got {item!r}")
-        options[key.strip()] = _option_value(text.strip())
-    return options
-
-
-def _option_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``, no pickle
     code execution); a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped."""
@@ -395,7 +367,7 @@ def run_prune(args: Any) -> int:
     calibration = calibration[:samples]
     pruned, report = prune_vision(
         model, calibration, sparsity, backend=getattr(args, "backend", None) or "local-search",
-        backend_options=parse_backend_options(getattr(args, "backend_option", None)),
+        backend_options=_backend_options(getattr(args, "backend_option", None)),
         damp=float(getattr(args, "damp", None) or 1e-2), batch_size=batch_size,
         refit_bias=bool(getattr(args, "refit_bias", False)), device=device,
         save_problems=getattr(args, "save_problems", None), verbose=True,
@@ -409,6 +381,13 @@ def run_prune(args: Any) -> int:
     _print_summary(report)
     _write_outputs(pruned, report, getattr(args, "output", None), getattr(args, "report", None))
     return 0
+
+
+def _backend_options(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``--backend-option key=value`` strings (parsed as the other commands do) or a mapping."""
+    from osscar_opt.commands.options import parse_backend_options
+
+    return dict(items) if isinstance(items, Mapping) else parse_backend_options(items)
 
 
 def _num_classes(model: nn.Module) -> int:

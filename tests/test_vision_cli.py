@@ -11,7 +11,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from osscar_opt import load_pruned
-from osscar_opt.vision import internal_channels, parse_backend_options, run_prune
+from osscar_opt.vision import internal_channels, run_prune
 from osscar_opt.vision_data import digits
 
 
@@ -32,7 +32,7 @@ def test_run_prune_with_weights_and_images(tmp_path):
     args = namespace(
         weights=str(tmp_path / "weights.pt"), calibration_images=str(tmp_path / "images.safetensors"),
         output=str(tmp_path / "pruned"), report=str(tmp_path / "report.json"),
-        save_problems=str(tmp_path / "problems"), backend_option=[],
+        save_problems=str(tmp_path / "problems"), backend_option=["swap_size=2"], backend="local-search",
     )
     assert run_prune(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -53,14 +53,6 @@ def test_run_prune_bad_input(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="weights"):
         run_prune(namespace(weights=str(tmp_path / "bad.pt")))
-
-
-def test_parse_backend_options():
-    assert parse_backend_options(["swap_size=4", "tol=1e-3", "float32=true", "mode=fast"]) == {
-        "swap_size": 4, "tol": 1e-3, "float32": True, "mode": "fast",
-    }
-    with pytest.raises(ValueError, match="backend_option"):
-        parse_backend_options(["swap_size"])
 
 
 def test_digits_split_is_fixed():
