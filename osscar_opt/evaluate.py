@@ -54,6 +54,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int = 128, batch_size: int = 4,
                max_windows: int | None = 64) -> float:
@@ -125,7 +129,7 @@ def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Multiply-accumulates of one forward pass on ``batch`` (torch FLOP counter / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    batch = _to_device(batch, _device(model))
     counter = FlopCounterMode(display=False)
     with counter:
         model(**batch)
@@ -135,7 +139,7 @@ def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 7, warmup: int = 2) -> float:
     """Median wall time of a forward pass on ``batch``, milliseconds."""
-    batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    batch = _to_device(batch, _device(model))
     cuda = _device(model).type == "cuda"
     times = []
     for index in range(warmup + repeats):
