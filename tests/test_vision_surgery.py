@@ -157,3 +157,14 @@ def test_reload_rejects_foreign_records(tmp_path):
     (folder / torchvision_io.WEIGHTS_FILE).unlink()
     with pytest.raises(ValueError, match="directory"):
         torchvision_io.rebuild(document, folder)
+
+
+def test_refit_bias_adds_a_consumer_bias_that_survives_reload(images, tmp_path):
+    model = small_model("mobilenet_v2", seed=4)
+    pruned, _ = prune_vision(model, images, 0.0, backend="magnitude", refit_bias=True)
+    consumer = pruned.features[2].conv[2]
+    assert consumer.bias is not None and consumer.bias.abs().max() < 1e-4
+    assert relative_error(outputs(pruned, images), outputs(model, images)) < 1e-5
+    pruned_half, _ = prune_vision(model, images, 0.5, backend="greedy", refit_bias=True)
+    save_pruned(pruned_half, tmp_path / "refit")
+    assert torch.equal(outputs(load_pruned(tmp_path / "refit"), images), outputs(pruned_half, images))
