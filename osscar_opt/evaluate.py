@@ -31,11 +31,16 @@ class EvalData:
     stream: torch.Tensor | None = None
     seq_len: int = 128
     batch: dict[str, torch.Tensor] = field(default_factory=dict)
+    max_windows: int = 32
 
 
 def make_eval_data(tokenizer, texts: list[str], causal: bool, *, seq_len: int = 128, max_passages: int = 256,
-                   latency_batch: int = 8) -> EvalData:
-    """Prepare evaluation passages / tokens and the fixed batch used for MACs and latency."""
+                   max_windows: int = 32, latency_batch: int = 4) -> EvalData:
+    """Prepare evaluation passages / tokens and the fixed batch used for MACs and latency.
+
+    Perplexity uses at most ``max_windows`` windows of ``seq_len`` tokens; the embedding scores at
+    most ``max_passages`` passages; MACs and latency a fixed ``(latency_batch, seq_len)`` batch.
+    """
     from osscar_opt.data import calibration_ids, token_stream
 
     if isinstance(seq_len, bool) or int(seq_len) < 1:
@@ -43,7 +48,8 @@ def make_eval_data(tokenizer, texts: list[str], causal: bool, *, seq_len: int = 
     ids = calibration_ids(tokenizer, texts, latency_batch, seq_len, seed=1)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if causal:
-        return EvalData(True, stream=token_stream(tokenizer, texts), seq_len=seq_len, batch=batch)
+        stream = token_stream(tokenizer, texts)
+        return EvalData(True, stream=stream, seq_len=seq_len, batch=batch, max_windows=max_windows)
     passages = [p for p in texts if len(p.split()) >= 8][:max_passages]
     if len(passages) < 2:
         raise ValueError("eval_text: need at least two passages of 8+ words for the embedding evaluation")
@@ -137,7 +143,7 @@ def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 7, warmup: int = 2) -> float:
+def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of a forward pass on ``batch``, milliseconds."""
     batch = _to_device(batch, _device(model))
     cuda = _device(model).type == "cuda"
@@ -172,7 +178,7 @@ def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[
         result["macs"] = count_macs(model, batch)
         result["latency_ms"] = median_latency_ms(model, batch)
     if data.causal:
-        result["perplexity"] = perplexity(model, data.stream, data.seq_len)
+        result["perplexity"] = perplexity(model, data.stream, data.seq_len, max_windows=data.max_windows)
     else:
         embeddings = sentence_embeddings(model, tokenizer, data.passages, max_length=data.seq_len)
         result["_embeddings"] = embeddings

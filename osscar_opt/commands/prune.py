@@ -71,6 +71,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("samples", "seq_len", "batch_size"):
         if getattr(args, name) is not None:
             positive_int(getattr(args, name), name)
+    from osscar_opt import backends
+
+    backends.get(args.backend)  # an unknown backend fails before any model is loaded
     if args.channels_sparsity is not None or args.weights is not None:
         raise ValueError("channels_sparsity: --channels-sparsity and --weights apply to torchvision models only")
 

@@ -1,0 +1,162 @@
+"""End-to-end benchmark (issue 5): prune real models with every backend, one table.
+
+* all-MiniLM-L6-v2 (the default model) at 25% and 50% of heads and neurons per block: mean
+  embedding cosine to dense and retrieval top-1 on held-out stdlib-docstring passages.
+* SmolLM2-135M (LLaMA, GQA 9/3) at 10%, 25%, 50% of neurons and 1 of 3 KV groups per block:
+  perplexity on held-out Shakespeare plays. Its weights were 4-bit quantized (GGUF Q4_1)
+  upstream and dequantized on load.
+
+Every row also gives parameters, MACs (torch FLOP counter / 2), median forward latency on a fixed
+batch and the pruning wall time. Writes ``benchmarks/results/end_to_end.json`` (updated after every
+row) and ``end_to_end.png``; prints the table as Markdown.
+
+    python benchmarks/end_to_end.py                 # full run (CPU: about 20-30 min)
+    python benchmarks/end_to_end.py --quick         # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from osscar_opt import data, evaluate
+from osscar_opt.driver import prune
+from osscar_opt.models import SMOLLM2_NOTE, load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BACKENDS = ("local-search", "greedy", "activation", "magnitude")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--minilm-samples", type=int, default=64)
+    parser.add_argument("--smollm2-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--perplexity-windows", type=int, default=16)
+    parser.add_argument("--smollm2-local-search", default='{"restarts": 0}',
+                        help="JSON options of local-search on SmolLM2 (default: no restarts, for time)")
+    parser.add_argument("--quick", action="store_true", help="tiny sample counts, two backends")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table-from", type=Path, default=None, help="only print the table of a saved JSON")
+    return parser.parse_args()
+
+
+def settings(model: str) -> list[tuple[str, float, float]]:
+    """``(label, heads_sparsity, neurons_sparsity)`` rows for ``model``."""
+    if model == "minilm":
+        return [("heads 25% + neurons 25%", 0.25, 0.25), ("heads 50% + neurons 50%", 0.5, 0.5)]
+    return [(f"KV groups 1/3 + neurons {int(s * 100)}%", 1 / 3, s) for s in (0.1, 0.25, 0.5)]
+
+
+def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], save) -> None:
+    spec = None if name == "minilm" else "smollm2"
+    loaded = load_model(spec, device="cpu")
+    samples = args.minilm_samples if name == "minilm" else args.smollm2_samples
+    calibration = data.calibration_ids(loaded.tokenizer, data.load_texts(None, "calib", loaded.causal), samples,
+                                       args.seq_len)
+    eval_data = evaluate.make_eval_data(loaded.tokenizer, data.load_texts(None, "eval", loaded.causal),
+                                        loaded.causal, seq_len=args.seq_len, max_windows=args.perplexity_windows)
+    dense = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
+    rows.append(row(loaded.name, "dense", "-", dense, 0.0))
+    save()
+    for label, heads, neurons in settings(name):
+        for backend in args.backends:
+            options = json.loads(args.smollm2_local_search) if (backend == "local-search" and loaded.causal) else {}
+            model = copy.deepcopy(loaded.model)
+            report = prune(model, calibration, heads_sparsity=heads, neurons_sparsity=neurons, backend=backend,
+                           backend_options=options, batch_size=8, progress=False)
+            result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
+            rows.append(row(loaded.name, label, backend, result, report.seconds, neurons=neurons, options=options))
+            save()
+            print(format_row(rows[-1]), flush=True)
+            del model
+
+
+def row(model: str, setting: str, backend: str, result: dict[str, Any], seconds: float, neurons: float = 0.0,
+        options: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"model": model, "setting": setting, "backend": backend, "neurons_sparsity": neurons,
+            "backend_options": options or {}, "prune_seconds": seconds, **evaluate.public(result)}
+
+
+HEADER = ("model", "setting", "backend", "cosine", "retrieval@1", "perplexity", "params (M)", "GMACs",
+          "latency (ms)", "prune time (s)")
+
+
+def format_row(r: dict[str, Any]) -> str:
+    def fmt(key: str, pattern: str) -> str:
+        return pattern.format(r[key]) if r.get(key) is not None else "-"
+
+    cells = (r["model"], r["setting"], r["backend"] + ("*" if r.get("backend_options") else ""),
+             fmt("cosine_to_dense", "{:.4f}"), fmt("retrieval_top1", "{:.3f}"), fmt("perplexity", "{:.2f}"),
+             f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.2f}", f"{r['latency_ms']:.0f}",
+             f"{r['prune_seconds']:.0f}" if r["backend"] != "-" else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    return "\n".join(lines + [format_row(r) for r in rows])
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, model, label in ((axes[0], "cosine_to_dense", "all-minilm-l6-v2", "embedding cosine to dense"),
+                                    (axes[1], "perplexity", "smollm2", "perplexity (lower is better)")):
+        pruned = [r for r in rows if r["model"] == model and r["backend"] != "-"]
+        for backend in dict.fromkeys(r["backend"] for r in pruned):
+            points = sorted((r["neurons_sparsity"], r[key]) for r in pruned if r["backend"] == backend)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        dense = [r for r in rows if r["model"] == model and r["backend"] == "-"]
+        if dense and key == "perplexity":
+            axis.axhline(dense[0][key], color="gray", linestyle="--", label="dense")
+            axis.set_yscale("log")
+        axis.set_xlabel("neuron sparsity per block" + (" (+ 1/3 KV groups)" if key == "perplexity" else
+                                                        " (= head sparsity)"))
+        axis.set_ylabel(label)
+        axis.set_title(model + (" (4-bit GGUF weights)" if key == "perplexity" else ""))
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table_from is not None:
+        document = json.loads(args.table_from.read_text())
+        print(markdown(document["rows"]))
+        return
+    if args.quick:
+        args.minilm_samples, args.smollm2_samples, args.perplexity_windows = 8, 4, 4
+        args.backends = ["local-search", "magnitude"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def save() -> None:
+        document = {"note": SMOLLM2_NOTE, "seconds": time.perf_counter() - started, "settings": {
+            k: str(v) for k, v in vars(args).items()}, "rows": rows}
+        (args.out / "end_to_end.json").write_text(json.dumps(document, indent=1))
+
+    for name in args.models:
+        run_model(name, args, rows, save)
+    plot(rows, args.out / "end_to_end.png")
+    print(f"\n{markdown(rows)}\n")
+    print(f"* local-search on SmolLM2 ran with {args.smollm2_local_search}. {SMOLLM2_NOTE}.")
+    print(f"total {time.perf_counter() - started:.0f} s; wrote {args.out / 'end_to_end.json'} and end_to_end.png")
+
+
+if __name__ == "__main__":
+    main()
