@@ -1,0 +1,73 @@
+"""SmolLM2-135M (real weights, LLaMA with GQA: 9 query heads over 3 KV heads, 30 blocks).
+
+Note: the SmolLM2 weights were 4-bit quantized (GGUF Q4_1) upstream and are dequantized on load.
+To stay inside the CI budget: 8 calibration samples of 64 tokens, perplexity on 4 windows of 128
+tokens, and the local search runs without restarts, with 1 removal stage and at most
+3 swap moves (it is still the staged-removal + exact-swap search).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import osscar_opt
+from osscar_opt import data, evaluate
+from osscar_opt.driver import prune
+from osscar_opt.models import SMOLLM2_NOTE, load_model
+
+pytestmark = pytest.mark.slow
+FAST_LOCAL_SEARCH = {"restarts": 0, "stages": 1, "max_swaps": 3}
+WINDOWS = 4
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    loaded = load_model("smollm2", device="cpu")
+    calibration = data.calibration_ids(loaded.tokenizer, data.load_texts(None, "calib", True), 8, 64)
+    eval_data = evaluate.make_eval_data(loaded.tokenizer, data.load_texts(None, "eval", True), True,
+                                        seq_len=128, max_windows=WINDOWS)
+    dense_ppl = evaluate.perplexity(loaded.model, eval_data.stream, 128, max_windows=WINDOWS)
+    return loaded, calibration, eval_data, dense_ppl
+
+
+@pytest.fixture(scope="module")
+def pruned_pair(smollm2):
+    loaded, calibration, eval_data, dense_ppl = smollm2
+    models = {}
+    for backend, options in (("local-search", FAST_LOCAL_SEARCH), ("magnitude", {})):
+        model = copy.deepcopy(loaded.model)
+        prune(model, calibration, heads_sparsity=0.25, neurons_sparsity=0.25, backend=backend,
+              backend_options=options, batch_size=8, progress=False)
+        models[backend] = model
+    return models
+
+
+def test_pruned_smollm2_generates_and_its_perplexity_is_reported(smollm2, pruned_pair):
+    loaded, _, eval_data, dense_ppl = smollm2
+    ppl = {name: evaluate.perplexity(m, eval_data.stream, 128, max_windows=WINDOWS) for name, m in pruned_pair.items()}
+    print(f"\nSmolLM2-135M, 1 of 3 KV groups + 25% neurons per block ({SMOLLM2_NOTE}): perplexity dense "
+          f"{dense_ppl:.2f}, local-search {ppl['local-search']:.2f}, magnitude {ppl['magnitude']:.2f}")
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert ppl["local-search"] < ppl["magnitude"]
+    model = pruned_pair["local-search"]
+    for layer in model.model.layers:
+        assert layer.self_attn.k_proj.out_features == 2 * layer.self_attn.head_dim
+        assert layer.self_attn.q_proj.out_features == 6 * layer.self_attn.head_dim
+        assert layer.mlp.down_proj.in_features == 1152
+    prompt = loaded.tokenizer("The king said", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+
+
+def test_pruned_smollm2_reloads_with_identical_logits(pruned_pair, tmp_path):
+    model = pruned_pair["local-search"]
+    osscar_opt.save_pruned(model, tmp_path / "smollm2")
+    reloaded = osscar_opt.load_pruned(tmp_path / "smollm2")
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    ids = torch.arange(5, 37).view(2, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
