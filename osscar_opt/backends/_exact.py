@@ -1,0 +1,148 @@
+"""Pieces shared by the exact backends (``gurobi``, ``cvxpy``): options, warm start, incumbents.
+
+Both backends solve one of two formulations of the same problem (DESIGN.md, "Exact formulations"):
+
+- ``"outer-approximation"``: binaries ``z`` and one epigraph variable ``eta`` with cuts
+  ``eta >= f(z_t) + grad f(z_t) . (z - z_t)`` of the convex perspective function ``f``;
+- ``"miqp"``: the perspective mixed-integer program in whitened thin-factor variables.
+
+Objective values inside the solvers are in units of ``c0`` (the loss of the empty support), so
+that solver tolerances are relative; bounds handed back are in loss units with a safety margin.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from osscar_opt.backends._perspective import Cut, PerspectiveFunction, make_shift, relax, safe_bound
+from osscar_opt.backends.base import SearchResult
+from osscar_opt.problem import LayerProblem
+
+FORMULATIONS = ("outer-approximation", "miqp")
+FORMULATION_ALIASES = {"oa": "outer-approximation", "outer-approximation": "outer-approximation",
+                       "miqp": "miqp", "perspective": "miqp", "misocp": "miqp"}
+
+
+def check_formulation(value: Any) -> str:
+    """Normalize the ``formulation`` option."""
+    if value not in FORMULATION_ALIASES:
+        raise ValueError(f"formulation: expected one of {FORMULATIONS}, got {value!r}")
+    return FORMULATION_ALIASES[value]
+
+
+def check_positive(name: str, value: Any, allow_none: bool = True) -> float | None:
+    """A positive number (or None when allowed), else ValueError naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def check_gap(options: dict[str, Any], default: float = 1e-6) -> float:
+    """``rel_gap`` (alias ``mip_gap``): relative optimality tolerance in ``[0, 1)``."""
+    if "rel_gap" in options and "mip_gap" in options:
+        raise ValueError("rel_gap: give rel_gap or its alias mip_gap, not both")
+    value = options.get("rel_gap", options.get("mip_gap", default))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"rel_gap: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def warm_start(problem: LayerProblem, keep: int, value: Any) -> tuple[int, ...] | None:
+    """The warm-start support: default the local-search solution; False/None for none; or group ids."""
+    if value is False or value is None:
+        return None
+    if value is True or value == "local-search" or isinstance(value, str):
+        from osscar_opt.solving import solve
+
+        name = "local-search" if value is True else value
+        return tuple(solve(problem, keep, backend=name).support)
+    support = problem.check_support(getattr(value, "support", value), "warm_start")
+    if len(support) > keep:
+        raise ValueError(f"warm_start: keeps {len(support)} groups, more than keep={keep}")
+    return support
+
+
+@dataclass
+class Incumbent:
+    """Best support seen (every visited binary point is feasible; its ``f`` is its loss)."""
+
+    support: tuple[int, ...] = ()
+    loss: float = math.inf
+    visited: int = 0
+
+    def offer(self, support: Sequence[int], loss: float) -> None:
+        self.visited += 1
+        if loss < self.loss:
+            self.support, self.loss = tuple(sorted(int(g) for g in support)), float(loss)
+
+
+def support_of(values: Sequence[float] | torch.Tensor, keep: int) -> tuple[int, ...]:
+    """The ``keep`` largest entries of a (near-)binary vector, as sorted group ids."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    chosen = torch.topk(values, keep).indices if keep else torch.zeros(0, dtype=torch.int64)
+    return tuple(sorted(int(g) for g in chosen if float(values[g]) > 0.5))
+
+
+def binary_point(support: Sequence[int], num_groups: int) -> torch.Tensor:
+    """``(G,)`` float64 indicator of ``support``."""
+    z = torch.zeros(num_groups, dtype=torch.float64)
+    z[list(support)] = 1.0
+    return z
+
+
+@dataclass
+class Setup:
+    """What both backends prepare before building a model."""
+
+    fn: PerspectiveFunction
+    incumbent: Incumbent
+    relaxation_bound: float
+    cuts: list[Cut] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def prepare(problem: LayerProblem, keep: int, shift: str, start: tuple[int, ...] | None,
+            relaxation_iterations: int) -> Setup:
+    """Perspective function, warm-start incumbent and the root relaxation (bound and cuts)."""
+    begin = time.perf_counter()
+    fn = PerspectiveFunction(problem, make_shift(problem, shift, keep))
+    incumbent = Incumbent()
+    cuts: list[Cut] = []
+    if start is not None:
+        z = binary_point(start, problem.num_groups).to(fn.K.device)
+        value, grad = fn.value_and_grad(z)
+        incumbent.offer(start, problem.loss(start))
+        cuts.append(Cut(z, value, grad))
+    result = relax(fn, keep, iterations=relaxation_iterations, keep_cuts=True)
+    cuts.extend(result.cuts)
+    return Setup(fn, incumbent, max(result.bound, 0.0), cuts, time.perf_counter() - begin)
+
+
+def cut_from_binary(fn: PerspectiveFunction, support: Sequence[int]) -> Cut:
+    """The cut at the binary point of ``support`` (its value is the support's loss)."""
+    z = binary_point(support, fn.num_groups).to(fn.K.device)
+    value, grad = fn.value_and_grad(z)
+    return Cut(z, value, grad)
+
+
+def finish(setup: Setup, status: str, solver_bound: float | None, info: dict[str, Any]) -> SearchResult:
+    """The SearchResult: best incumbent, best valid bound (never above the incumbent's loss)."""
+    c0 = setup.fn.c0
+    bounds = [setup.relaxation_bound]
+    if solver_bound is not None and math.isfinite(solver_bound):
+        bounds.append(safe_bound(solver_bound, c0))
+    bound = max(bounds)
+    if math.isfinite(setup.incumbent.loss):
+        bound = min(bound, setup.incumbent.loss)
+    info = dict(info)
+    info.update({"relaxation_bound": setup.relaxation_bound, "visited": setup.incumbent.visited,
+                 "shift": setup.fn.shift.kind})
+    return SearchResult(setup.incumbent.support, status=status, lower_bound=bound, info=info)

@@ -1,0 +1,263 @@
+"""``cvxpy``: exact solutions with proven bounds through CVXPY and any installed mixed-integer solver.
+
+Formulations (option ``formulation``; math in :mod:`osscar_opt.backends._perspective`):
+
+- ``"outer-approximation"`` (default): a loop of MILP master problems ``min eta`` over binaries
+  ``z`` with ``sum z = keep`` and the cuts ``eta >= f(z_t) + grad f(z_t) . (z - z_t)`` found so
+  far (the warm start, the relaxation iterates, then every master optimum). Each master optimum
+  is a valid lower bound; each master point is a feasible support (an incumbent). It stops when
+  the incumbent is within ``rel_gap`` of the bound, or when a master repeats a point.
+- ``"miqp"``: the perspective mixed-integer SOCP in whitened thin-factor variables ``W``
+  (``p x r``) with ``cvxpy.quad_over_lin(W_g, z_g)`` perspective terms.
+
+Options: ``formulation``, ``solver`` (default "SCIP"; any installed mixed-integer solver by name:
+GUROBI, HIGHS / SCIPY / CBC / GLPK_MI for the OA master, MOSEK if licensed, ECOS_BB),
+``time_limit`` (seconds), ``rel_gap`` / ``mip_gap`` (default 1e-6), ``warm_start`` (default: the
+local-search solution), ``shift``, ``verbose``, ``relaxation_iterations``, ``max_iterations`` (OA
+masters, default 500), ``solver_options`` (dict passed to ``Problem.solve``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from osscar_opt.backends import _exact
+from osscar_opt.backends.base import Backend, SearchResult, check_options
+from osscar_opt.problem import LayerProblem
+
+OPTIONS = ("formulation", "solver", "time_limit", "rel_gap", "mip_gap", "warm_start", "shift", "verbose",
+           "relaxation_iterations", "max_iterations", "solver_options")
+
+MILP_SOLVERS = ("SCIP", "GUROBI", "HIGHS", "SCIPY", "CBC", "GLPK_MI", "CPLEX", "MOSEK", "XPRESS", "COPT",
+                "ECOS_BB")
+MISOCP_SOLVERS = ("SCIP", "GUROBI", "MOSEK", "CPLEX", "XPRESS", "COPT", "ECOS_BB")
+# Relative margin (in units of c0) for objective values reported by a solver with tolerances.
+SOLVER_MARGIN = 1e-8
+
+
+def check_solver(solver: Any, formulation: str) -> str:
+    """The solver name, upper-cased; a missing or unsuitable one lists the installed suitable ones."""
+    import cvxpy as cp
+
+    installed = set(cp.installed_solvers())
+    suitable = MILP_SOLVERS if formulation == "outer-approximation" else MISOCP_SOLVERS
+    kind = "mixed-integer LP" if formulation == "outer-approximation" else "mixed-integer SOCP"
+    usable = [name for name in suitable if name in installed]
+    if not isinstance(solver, str) or not solver:
+        raise ValueError(f"solver: expected a solver name, got {solver!r}; installed {kind} solvers: {usable}")
+    name = solver.upper()
+    if name not in installed:
+        raise ValueError(f"solver: {solver!r} is not installed; installed {kind} solvers for formulation "
+                         f"{formulation!r}: {usable}")
+    if name not in suitable:
+        raise ValueError(f"solver: {solver!r} cannot solve the {kind} of formulation {formulation!r}; installed "
+                         f"suitable solvers: {usable}")
+    return name
+
+
+def solver_arguments(solver: str, time_limit: float | None, gap: float) -> dict[str, Any]:
+    """Time limit and relative MIP gap in the keyword arguments each solver understands."""
+    if solver == "SCIP":
+        params: dict[str, Any] = {"limits/gap": gap}
+        if time_limit is not None:
+            params["limits/time"] = max(time_limit, 0.01)
+        return {"scip_params": params}
+    if solver == "GUROBI":
+        arguments: dict[str, Any] = {"MIPGap": gap}
+        if time_limit is not None:
+            arguments["TimeLimit"] = max(time_limit, 0.0)
+        return arguments
+    if solver == "HIGHS":
+        arguments = {"mip_rel_gap": gap}
+        if time_limit is not None:
+            arguments["time_limit"] = max(time_limit, 0.01)
+        return arguments
+    if solver == "SCIPY":
+        options: dict[str, Any] = {"mip_rel_gap": gap}
+        if time_limit is not None:
+            options["time_limit"] = max(time_limit, 0.01)
+        return {"scipy_options": options}
+    if solver == "ECOS_BB":
+        return {"mi_rel_eps": max(gap, 1e-9), "mi_abs_eps": 1e-12}
+    return {}
+
+
+def _gurobi_is_size_limited() -> bool:
+    """True when the default Gurobi licence is the size-limited pip one (a failed solve is then likely 10010)."""
+    from osscar_opt.backends.gurobi import _environment, _licence_is_restricted
+
+    env, _ = _environment({})
+    try:
+        return _licence_is_restricted(env)
+    finally:
+        env.dispose()
+
+
+class CvxpyBackend(Backend):
+    """Exact MIP backend through CVXPY (default solver SCIP); always returns a valid bound."""
+
+    name = "cvxpy"
+    exact = True
+    requires = ("cvxpy",)
+    options = OPTIONS
+
+    def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
+        check_options(self.name, options, OPTIONS)
+        begin = time.perf_counter()
+        formulation = _exact.check_formulation(options.get("formulation", "outer-approximation"))
+        solver = check_solver(options.get("solver", "SCIP"), formulation)
+        time_limit = _exact.check_positive("time_limit", options.get("time_limit"))
+        rel_gap = _exact.check_gap(options)
+        iterations = options.get("relaxation_iterations", 30)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"relaxation_iterations: expected a positive integer, got {iterations!r}")
+        extra = options.get("solver_options") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"solver_options: expected a dict, got {type(extra).__name__}")
+        start = _exact.warm_start(problem, keep, options.get("warm_start", True))
+        setup = _exact.prepare(problem, keep, options.get("shift", "scalar"), start, iterations)
+        deadline = None if time_limit is None else begin + time_limit
+        settings = {"solver": solver, "verbose": bool(options.get("verbose", False)), "extra": extra,
+                    "deadline": deadline, "rel_gap": rel_gap}
+        if formulation == "outer-approximation":
+            max_iterations = options.get("max_iterations", 500)
+            if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+                raise ValueError(f"max_iterations: expected a positive integer, got {max_iterations!r}")
+            status, bound, info = self._outer_approximation(problem, keep, setup, settings, max_iterations)
+        else:
+            status, bound, info = self._miqp(problem, keep, setup, settings)
+        info.update({"formulation": formulation, "solver": solver, "setup_seconds": setup.seconds})
+        return _exact.finish(setup, status, bound, info)
+
+    @staticmethod
+    def _run(problem_, settings: dict[str, Any], gap: float) -> str:
+        """Solve a CVXPY problem within the deadline; returns CVXPY's status (or "time_limit"/"error")."""
+        import cvxpy as cp
+
+        remaining = None if settings["deadline"] is None else settings["deadline"] - time.perf_counter()
+        if remaining is not None and remaining <= 0:
+            return "time_limit"
+        arguments = solver_arguments(settings["solver"], remaining, gap)
+        arguments.update(settings["extra"])
+        try:
+            problem_.solve(solver=settings["solver"], verbose=settings["verbose"], **arguments)
+        except cp.error.SolverError as exc:
+            text = " ".join(str(part) for part in (exc, exc.__cause__, exc.__context__) if part is not None)
+            if settings["solver"] == "GUROBI" and _gurobi_is_size_limited():
+                from osscar_opt.backends.gurobi import GurobiSizeLimitError
+
+                raise GurobiSizeLimitError(
+                    f"cvxpy backend, solver GUROBI: {text.strip()} The pip licence of gurobipy allows 2000 "
+                    "variables and constraints (200 variables with quadratic or cone terms); use "
+                    "formulation='outer-approximation', solver='SCIP', or a full Gurobi licence, which lifts it."
+                ) from exc
+            settings["last_error"] = text
+            return "error"
+        return str(problem_.status)
+
+    @staticmethod
+    def _solver_report(problem_) -> tuple[str | None, float | None]:
+        """``(solver status, proven dual bound in the solver's objective units)`` when the solver exposes them."""
+        stats = getattr(problem_, "solver_stats", None)
+        extra = getattr(stats, "extra_stats", None)
+        try:
+            if isinstance(extra, dict) and hasattr(extra.get("model"), "getDualbound"):  # SCIP
+                return str(extra.get("scip_status")), float(extra["model"].getDualbound())
+            if extra is not None and hasattr(extra, "ObjBound"):  # GUROBI
+                status = {2: "optimal", 9: "timelimit"}.get(int(extra.Status), str(extra.Status))
+                return status, float(extra.ObjBound)
+        except Exception:  # noqa: BLE001 - no bound available
+            return None, None
+        return None, None
+
+    # ------------------------------------------------------------------ outer approximation
+    def _outer_approximation(self, problem, keep, setup, settings, max_iterations):
+        import cvxpy as cp
+
+        fn, c0 = setup.fn, setup.fn.c0
+        G = problem.num_groups
+        slopes = [(cut.grad / c0).cpu().numpy() for cut in setup.cuts]
+        constants = [(cut.value - float(cut.grad @ cut.z)) / c0 for cut in setup.cuts]
+        z = cp.Variable(G, boolean=True)
+        eta = cp.Variable()
+        floor = max(setup.relaxation_bound, 0.0) / c0
+        bound, status, seen = None, "iteration_limit", set()
+        masters = 0
+        for masters in range(1, max_iterations + 1):  # noqa: B007 - reported
+            A, b = np.vstack(slopes), np.asarray(constants)
+            master = cp.Problem(cp.Minimize(eta), [cp.sum(z) == keep, eta >= floor, eta >= A @ z + b])
+            outcome = self._run(master, settings, 0.0)
+            raw_status, dual = self._solver_report(master)
+            if raw_status in ("optimal", "gaplimit"):
+                outcome = cp.OPTIMAL
+            if outcome not in (cp.OPTIMAL,):
+                status = "time_limit" if outcome in ("time_limit", cp.USER_LIMIT, cp.OPTIMAL_INACCURATE) else outcome
+                if z.value is not None and outcome != "error":
+                    support = _exact.support_of(z.value, keep)
+                    setup.incumbent.offer(support, problem.loss(support))
+                break
+            value = float(master.value) if dual is None or not math.isfinite(dual) else min(dual, float(master.value))
+            bound = max(bound or -math.inf, value * c0 - SOLVER_MARGIN * c0)
+            support = _exact.support_of(z.value, keep)
+            cut = _exact.cut_from_binary(fn, support)
+            setup.incumbent.offer(support, cut.value)
+            if setup.incumbent.loss - bound <= settings["rel_gap"] * setup.incumbent.loss or support in seen:
+                status = "optimal"
+                break
+            seen.add(support)
+            slopes.append((cut.grad / c0).cpu().numpy())
+            constants.append((cut.value - float(cut.grad @ cut.z)) / c0)
+        return status, bound, {"masters": masters, "cuts": len(slopes)}
+
+    # ------------------------------------------------------------------ perspective MISOCP
+    def _miqp(self, problem, keep, setup, settings):
+        import cvxpy as cp
+
+        fn, c0 = setup.fn, setup.fn.c0
+        K = fn.K.clone()
+        K = 0.5 * (K + K.T)
+        values, vectors = np.linalg.eigh(K.cpu().numpy())
+        F = vectors * np.sqrt(np.clip(values, 0.0, None))  # K = F F^T
+        C = (fn.C_hat / math.sqrt(c0)).cpu().numpy()
+        p, r = C.shape
+        always = fn.always.cpu().numpy()
+        W = cp.Variable((p, r))
+        z = cp.Variable(problem.num_groups, boolean=True)
+        terms = [cp.sum_squares(F.T @ W), -2 * cp.sum(cp.multiply(C, W))]
+        if always.any():
+            terms.append(cp.sum_squares(W[np.flatnonzero(always), :]))
+        terms += [cp.quad_over_lin(W[cols.cpu().numpy(), :], z[g]) for g, cols in enumerate(problem.groups)]
+        model = cp.Problem(cp.Minimize(cp.sum(terms)), [cp.sum(z) == keep])  # + 1 (= c0 / c0) added below
+        if setup.incumbent.support:
+            start = np.zeros(problem.num_groups)
+            start[list(setup.incumbent.support)] = 1.0
+            z.value = start
+        outcome = self._run(model, settings, settings["rel_gap"])
+        raw_status, dual = self._solver_report(model)
+        bound = None
+        if dual is not None and math.isfinite(dual):
+            bound = (dual + 1.0) * c0 - SOLVER_MARGIN * c0
+            if raw_status in ("optimal", "gaplimit"):
+                outcome = cp.OPTIMAL
+            elif raw_status == "timelimit":
+                outcome = "time_limit"
+        if z.value is not None and outcome != "error":
+            support = _exact.support_of(z.value, keep)
+            setup.incumbent.offer(support, problem.loss(support))
+        if outcome == cp.OPTIMAL:
+            status = "optimal"
+            if bound is None:  # the solver's objective (cvxpy's re-evaluation divides by z_g = 0)
+                value = getattr(getattr(model, "solution", None), "opt_val", None)
+                value = float(model.value) if value is None else float(value)
+                if math.isfinite(value):
+                    bound = (value + 1.0) * c0 * (1.0 - settings["rel_gap"]) - SOLVER_MARGIN * c0
+        else:
+            status = "time_limit" if outcome in ("time_limit", cp.USER_LIMIT, cp.OPTIMAL_INACCURATE) else outcome
+        info = {"variables": int(p * r + problem.num_groups)}
+        if "last_error" in settings:
+            info["error"] = settings["last_error"]
+        return status, bound, info

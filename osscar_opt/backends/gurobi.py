@@ -1,0 +1,299 @@
+"""``gurobi``: exact solutions with proven bounds from Gurobi (gurobipy).
+
+Formulations (option ``formulation``; math in :mod:`osscar_opt.backends._perspective`):
+
+- ``"outer-approximation"`` (default): binaries ``z`` (one per group) and one epigraph variable
+  ``eta``; ``sum z = keep``; cuts ``eta >= f(z_t) + grad f(z_t) . (z - z_t)`` at the warm start and
+  the relaxation iterates up front, then added lazily in a callback at every integer point Gurobi
+  finds (``grad_g f = -||V_g||_F^2 / mu``). No quadratic terms and ``num_groups + 1`` variables,
+  so it fits the size-limited licence of the pip wheel up to about 1999 groups.
+- ``"miqp"``: the perspective mixed-integer program in whitened thin-factor variables ``W``
+  (``p x r``, ``r = min(p, m)``): ``min tr(W^T K W) - 2 <Chat, W> + sum_g s_g`` with rotated
+  cones ``||W_g||_F^2 <= s_g z_g``; ``p r + 2 G`` variables with quadratic terms.
+
+Options: ``formulation``, ``time_limit`` (seconds), ``rel_gap`` / ``mip_gap`` (default 1e-6),
+``threads``, ``warm_start`` (default: the local-search solution; False for none; or group ids),
+``shift`` ("scalar" or "block"), ``env`` (a ``gurobipy.Env``), ``env_params`` (dict of
+environment / licence parameters such as ``WLSACCESSID``, ``WLSSECRET``, ``LICENSEID``),
+``params`` (dict of extra model parameters), ``verbose``, ``relaxation_iterations``,
+``size_check`` (default True: refuse, before building, a model the size-limited licence cannot
+solve).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from osscar_opt.backends import _exact
+from osscar_opt.backends.base import Backend, SearchResult, check_options
+from osscar_opt.problem import LayerProblem
+
+OPTIONS = ("formulation", "time_limit", "rel_gap", "mip_gap", "threads", "warm_start", "shift", "env",
+           "env_params", "params", "verbose", "relaxation_iterations", "size_check")
+
+SIZE_LIMIT_ERROR = 10010
+LINEAR_LIMIT = 2000
+QUADRATIC_LIMIT = 200
+_RESTRICTED: dict[str, bool] = {}
+
+
+class GurobiSizeLimitError(ValueError):
+    """Gurobi refused the model under its size-limited licence (error 10010)."""
+
+
+def size_limit_message(formulation: str, variables: int, constraints: int, quadratic: bool) -> str:
+    """The error text for Gurobi error 10010: the limit, what to use instead, how to lift it."""
+    kind = "with quadratic terms" if quadratic else "linear"
+    advice = (
+        "use formulation='outer-approximation' (one binary per group plus one variable, no quadratic terms; "
+        f"fits this licence up to {LINEAR_LIMIT - 1} groups), or the 'cvxpy' backend with solver SCIP (no size "
+        "limit)" if formulation == "miqp" else
+        "use the 'cvxpy' backend with solver SCIP (open source, no size limit), or osscar_opt.certify for a bound"
+    )
+    return (
+        f"Gurobi error {SIZE_LIMIT_ERROR}: model too large for the size-limited licence that ships with the "
+        f"gurobipy pip wheel (at most {LINEAR_LIMIT} variables and {LINEAR_LIMIT} linear constraints, and at most "
+        f"{QUADRATIC_LIMIT} variables when the model has quadratic terms); this {formulation} model is {kind} with "
+        f"{variables} variables and {constraints} constraints. Instead {advice}. A full Gurobi licence (commercial "
+        "or free academic; pass env_params or set GRB_LICENSE_FILE) lifts the limit."
+    )
+
+
+def _environment(options: dict[str, Any]):
+    """The Gurobi environment: ``env`` as given, or a new one with ``env_params`` (output off)."""
+    import gurobipy as gp
+
+    if options.get("env") is not None:
+        if "env_params" in options:
+            raise ValueError("env: give env or env_params, not both")
+        return options["env"], False
+    params = options.get("env_params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"env_params: expected a dict of Gurobi parameters, got {type(params).__name__}")
+    env = gp.Env(empty=True)
+    env.setParam("OutputFlag", 1 if options.get("verbose") else 0)
+    for key, value in params.items():
+        env.setParam(key, value)
+    env.start()
+    return env, True
+
+
+def _licence_is_restricted(env) -> bool:
+    """True when ``env`` carries the size-limited licence (probed once with a 201-variable QP)."""
+    import gurobipy as gp
+
+    key = "licence"  # one licence per process (the probe costs a solve, so it runs once)
+    if key not in _RESTRICTED:
+        with gp.Model(env=env) as probe:
+            probe.Params.OutputFlag = 0
+            x = probe.addMVar(QUADRATIC_LIMIT + 1, lb=0.0)
+            probe.setObjective(x @ x)
+            try:
+                probe.optimize()
+                _RESTRICTED[key] = False
+            except gp.GurobiError as exc:
+                if exc.errno != SIZE_LIMIT_ERROR:
+                    raise
+                _RESTRICTED[key] = True
+    return _RESTRICTED[key]
+
+
+def _status(model) -> str:
+    from gurobipy import GRB
+
+    names = {GRB.OPTIMAL: "optimal", GRB.TIME_LIMIT: "time_limit", GRB.INTERRUPTED: "interrupted",
+             GRB.NODE_LIMIT: "node_limit", GRB.SOLUTION_LIMIT: "solution_limit", GRB.WORK_LIMIT: "work_limit",
+             GRB.SUBOPTIMAL: "suboptimal", GRB.NUMERIC: "numeric"}
+    return names.get(model.Status, f"gurobi_status_{model.Status}")
+
+
+def _objective_bound(model) -> float | None:
+    try:
+        bound = float(model.ObjBound)
+    except Exception:  # noqa: BLE001 - no bound available (e.g. stopped before the root)
+        return None
+    return bound if math.isfinite(bound) else None
+
+
+def _set_parameters(model, options: dict[str, Any], rel_gap: float, remaining: float | None) -> None:
+    model.Params.OutputFlag = 1 if options.get("verbose") else 0
+    model.Params.MIPGap = rel_gap
+    if remaining is not None:
+        model.Params.TimeLimit = max(remaining, 0.0)
+    if options.get("threads") is not None:
+        threads = options["threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads: expected a non-negative integer, got {threads!r}")
+        model.Params.Threads = threads
+    params = options.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"params: expected a dict of Gurobi parameters, got {type(params).__name__}")
+    for key, value in params.items():
+        model.setParam(key, value)
+
+
+def _add_cut(model, z, eta, cut: _exact.Cut, c0: float, lazy: bool = False) -> None:
+    import gurobipy as gp
+
+    grad = (cut.grad / c0).cpu().tolist()
+    constant = (cut.value - float(cut.grad @ cut.z)) / c0
+    expression = gp.LinExpr(grad, list(z)) + constant
+    if lazy:
+        model.cbLazy(eta >= expression)
+    else:
+        model.addConstr(eta >= expression)
+
+
+class GurobiBackend(Backend):
+    """Exact MIP backend on Gurobi; status "optimal" / "time_limit" / ..., always a valid bound."""
+
+    name = "gurobi"
+    exact = True
+    requires = ("gurobipy",)
+    options = OPTIONS
+
+    def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
+        check_options(self.name, options, OPTIONS)
+        begin = time.perf_counter()
+        formulation = _exact.check_formulation(options.get("formulation", "outer-approximation"))
+        time_limit = _exact.check_positive("time_limit", options.get("time_limit"))
+        rel_gap = _exact.check_gap(options)
+        shift = options.get("shift", "scalar")
+        iterations = options.get("relaxation_iterations", 30)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"relaxation_iterations: expected a positive integer, got {iterations!r}")
+        start = _exact.warm_start(problem, keep, options.get("warm_start", True))
+        env, owned = _environment(options)
+        try:
+            if formulation == "miqp" and options.get("size_check", True):
+                self._check_size(env, problem, formulation)
+            setup = _exact.prepare(problem, keep, shift, start, iterations)
+            remaining = None if time_limit is None else time_limit - (time.perf_counter() - begin)
+            runner = self._outer_approximation if formulation == "outer-approximation" else self._miqp
+            status, bound, info = runner(env, problem, keep, setup, options, rel_gap, remaining)
+        finally:
+            if owned:
+                env.dispose()
+        info.update({"formulation": formulation, "setup_seconds": setup.seconds})
+        return _exact.finish(setup, status, bound, info)
+
+    # ------------------------------------------------------------------ size limit
+    @staticmethod
+    def _check_size(env, problem: LayerProblem, formulation: str) -> None:
+        """Refuse, before building it, a MIQP the size-limited licence cannot solve."""
+        r = min(problem.num_columns, problem.num_outputs)
+        variables = problem.num_columns * r + 2 * problem.num_groups
+        constraints = problem.num_groups + 1
+        if variables > QUADRATIC_LIMIT and _licence_is_restricted(env):
+            raise GurobiSizeLimitError(size_limit_message(formulation, variables, constraints, True))
+
+    @staticmethod
+    def _optimize(model, formulation: str, quadratic: bool, callback=None) -> None:
+        import gurobipy as gp
+
+        try:
+            model.optimize(callback) if callback is not None else model.optimize()
+        except gp.GurobiError as exc:
+            if exc.errno == SIZE_LIMIT_ERROR:
+                model.update()
+                raise GurobiSizeLimitError(
+                    size_limit_message(formulation, model.NumVars, model.NumConstrs + model.NumQConstrs, quadratic)
+                ) from exc
+            raise
+
+    # ------------------------------------------------------------------ outer approximation
+    def _outer_approximation(self, env, problem, keep, setup, options, rel_gap, remaining):
+        import gurobipy as gp
+        from gurobipy import GRB
+
+        fn, c0 = setup.fn, setup.fn.c0
+        G = problem.num_groups
+        with gp.Model("osscar-oa", env=env) as model:
+            z = model.addVars(G, vtype=GRB.BINARY, name="z")
+            z_list = [z[g] for g in range(G)]
+            eta = model.addVar(lb=max(setup.relaxation_bound, 0.0) / c0 * (1 - 1e-9), name="eta")
+            model.addConstr(gp.quicksum(z_list) == keep)
+            for cut in setup.cuts:
+                _add_cut(model, z_list, eta, cut, c0)
+            model.setObjective(eta, GRB.MINIMIZE)
+            if setup.incumbent.support or keep == 0:
+                chosen = set(setup.incumbent.support)
+                for g in range(G):
+                    z[g].Start = 1.0 if g in chosen else 0.0
+                eta.Start = setup.incumbent.loss / c0
+            _set_parameters(model, options, rel_gap, remaining)
+            model.Params.LazyConstraints = 1
+            model.Params.IntFeasTol = 1e-9
+            errors: list[BaseException] = []
+            counters = {"lazy_cuts": 0}
+
+            def callback(model_, where):
+                if where != GRB.Callback.MIPSOL or errors:
+                    return
+                try:
+                    values = model_.cbGetSolution(z_list)
+                    support = _exact.support_of(values, keep)
+                    cut = _exact.cut_from_binary(fn, support)
+                    setup.incumbent.offer(support, cut.value)
+                    if model_.cbGetSolution(eta) < cut.value / c0 - 1e-10:
+                        _add_cut(model_, z_list, eta, cut, c0, lazy=True)
+                        counters["lazy_cuts"] += 1
+                except BaseException as exc:  # noqa: BLE001 - re-raised after optimize
+                    errors.append(exc)
+                    model_.terminate()
+
+            if remaining is None or remaining > 0:
+                self._optimize(model, "outer-approximation", False, callback)
+            if errors:
+                raise errors[0]
+            if model.SolCount > 0:
+                support = _exact.support_of([z[g].X for g in range(G)], keep)
+                setup.incumbent.offer(support, problem.loss(support))
+            status = _status(model) if (remaining is None or remaining > 0) else "time_limit"
+            bound = _objective_bound(model)
+            info = {"nodes": int(model.NodeCount) if model.SolCount >= 0 else 0,
+                    "cuts": len(setup.cuts) + counters["lazy_cuts"], "lazy_cuts": counters["lazy_cuts"]}
+        return status, None if bound is None else bound * c0, info
+
+    # ------------------------------------------------------------------ perspective MIQP
+    def _miqp(self, env, problem, keep, setup, options, rel_gap, remaining):
+        import gurobipy as gp
+        from gurobipy import GRB
+
+        fn, c0 = setup.fn, setup.fn.c0
+        K = fn.K.clone()
+        K[fn.always, fn.always] += 1.0  # always-kept columns: their shift is added back (z = 1)
+        K = (0.5 * (K + K.T)).cpu().numpy()
+        C = (fn.C_hat / math.sqrt(c0)).cpu().numpy()
+        p, r = C.shape
+        G = problem.num_groups
+        with gp.Model("osscar-miqp", env=env) as model:
+            W = model.addMVar((p, r), lb=-GRB.INFINITY, name="W")
+            z = model.addMVar(G, vtype=GRB.BINARY, name="z")
+            s = model.addMVar(G, lb=0.0, name="s")
+            objective = (C * W).sum() * -2.0 + s.sum() + 1.0
+            for j in range(r):
+                objective = objective + W[:, j] @ K @ W[:, j]
+            model.setObjective(objective, GRB.MINIMIZE)
+            model.addConstr(z.sum() == keep)
+            for g, cols in enumerate(problem.groups):
+                block = W[cols.tolist(), :].reshape(-1)
+                model.addConstr(block @ block <= s[g] * z[g])
+            if setup.incumbent.support or keep == 0:
+                start = torch.zeros(G)
+                start[list(setup.incumbent.support)] = 1.0
+                z.Start = start.numpy()
+            _set_parameters(model, options, rel_gap, remaining)
+            if remaining is None or remaining > 0:
+                self._optimize(model, "miqp", True)
+            if model.SolCount > 0:
+                support = _exact.support_of(z.X, keep)
+                setup.incumbent.offer(support, problem.loss(support))
+            status = _status(model) if (remaining is None or remaining > 0) else "time_limit"
+            bound = _objective_bound(model)
+            info = {"nodes": int(model.NodeCount), "variables": int(model.NumVars)}
+        return status, None if bound is None else bound * c0, info
