@@ -30,4 +30,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'osscar_opt' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+    value = getattr(import_module(module), name)
+    # Cache the function: importing a submodule of the same name (osscar_opt.certify) would
+    # otherwise leave the package attribute pointing at the module.
+    globals()[name] = value
+    return value
