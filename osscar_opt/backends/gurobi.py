@@ -119,6 +119,14 @@ def _objective_bound(model) -> float | None:
     return bound if math.isfinite(bound) else None
 
 
+def _attribute(model, name: str, default: Any = 0) -> Any:
+    """A model attribute, or ``default`` when Gurobi has none (e.g. optimize was not called)."""
+    try:
+        return getattr(model, name)
+    except Exception:  # noqa: BLE001 - gurobipy raises AttributeError / GurobiError
+        return default
+
+
 def _set_parameters(model, options: dict[str, Any], rel_gap: float, remaining: float | None) -> None:
     model.Params.OutputFlag = 1 if options.get("verbose") else 0
     model.Params.MIPGap = rel_gap
@@ -250,12 +258,12 @@ class GurobiBackend(Backend):
                 self._optimize(model, "outer-approximation", False, callback)
             if errors:
                 raise errors[0]
-            if model.SolCount > 0:
+            if _attribute(model, "SolCount") > 0:
                 support = _exact.support_of([z[g].X for g in range(G)], keep)
                 setup.incumbent.offer(support, problem.loss(support))
             status = _status(model) if (remaining is None or remaining > 0) else "time_limit"
             bound = _objective_bound(model)
-            info = {"nodes": int(model.NodeCount) if model.SolCount >= 0 else 0,
+            info = {"nodes": int(_attribute(model, "NodeCount")),
                     "cuts": len(setup.cuts) + counters["lazy_cuts"], "lazy_cuts": counters["lazy_cuts"]}
         return status, None if bound is None else bound * c0, info
 
@@ -290,10 +298,10 @@ class GurobiBackend(Backend):
             _set_parameters(model, options, rel_gap, remaining)
             if remaining is None or remaining > 0:
                 self._optimize(model, "miqp", True)
-            if model.SolCount > 0:
+            if _attribute(model, "SolCount") > 0:
                 support = _exact.support_of(z.X, keep)
                 setup.incumbent.offer(support, problem.loss(support))
             status = _status(model) if (remaining is None or remaining > 0) else "time_limit"
             bound = _objective_bound(model)
-            info = {"nodes": int(model.NodeCount), "variables": int(model.NumVars)}
+            info = {"nodes": int(_attribute(model, "NodeCount")), "variables": int(model.NumVars)}
         return status, None if bound is None else bound * c0, info
