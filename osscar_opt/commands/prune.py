@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--channels-sparsity", type=float, default=None,
                         help="fraction of conv channels removed (torchvision models only)")
     parser.add_argument("--weights", default=None, help="torchvision weights file (torchvision models only)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="calibration image side in pixels (torchvision models only)")
+    parser.add_argument("--calibration-images", default=None,
+                        help="safetensors file with an 'images' tensor (N, 3, H, W) (torchvision models only)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="digits training epochs when no --weights are given (torchvision models only)")
     add_backend_arguments(parser)
     parser.add_argument("--refit-bias", action="store_true", help="re-fit the bias of layers that have one")
     parser.add_argument("--damp", type=float, default=1e-2, help="ridge weight relative to mean diag(X^T X)")
