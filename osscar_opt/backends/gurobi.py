@@ -174,11 +174,11 @@ class GurobiBackend(Backend):
         iterations = options.get("relaxation_iterations", 30)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"relaxation_iterations: expected a positive integer, got {iterations!r}")
-        start = _exact.warm_start(problem, keep, options.get("warm_start", True))
         env, owned = _environment(options)
         try:
             if formulation == "miqp" and options.get("size_check", True):
                 self._check_size(env, problem, formulation)
+            start = _exact.warm_start(problem, keep, options.get("warm_start", True))
             setup = _exact.prepare(problem, keep, shift, start, iterations)
             remaining = None if time_limit is None else time_limit - (time.perf_counter() - begin)
             runner = self._outer_approximation if formulation == "outer-approximation" else self._miqp
