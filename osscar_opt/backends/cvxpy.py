@@ -155,6 +155,8 @@ class CvxpyBackend(Backend):
                     "variables and constraints (200 variables with quadratic or cone terms); use "
                     "formulation='outer-approximation', solver='SCIP', or a full Gurobi licence, which lifts it."
                 ) from exc
+            if settings["deadline"] is not None and time.perf_counter() >= settings["deadline"] - 0.05:
+                return "time_limit"  # stopped by the time limit before finding a solution
             settings["last_error"] = text
             return "error"
         return str(problem_.status)
