@@ -111,3 +111,26 @@ def test_certify_rejects_bad_input(problems):
         certify(problem, [0, 99])
     with pytest.raises(ValueError, match="method"):
         relax(PerspectiveFunction(problem), 2, method="newton")
+
+
+def test_certify_command_writes_rows(tmp_path, problems, capsys):
+    import importlib.util
+    import json
+
+    from osscar_opt.cli import main
+
+    path = tmp_path / "layer.safetensors"
+    problems[8].save(path)
+    backends = ["--backend", "gurobi"] if importlib.util.find_spec("gurobipy") else ["--backend", "none"]
+    out = tmp_path / "rows.json"
+    code = main(["certify", str(path), "--keep", "2", "3", "--iterations", "30", "--time-limit", "20",
+                 *backends, "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [row["keep"] for row in rows] == [2, 3]
+    for row in rows:
+        optimum = solve(problems[8], row["keep"], backend="enumerate").loss
+        assert row["bound"] <= optimum <= row["heuristic_loss"] + 1e-9 * optimum
+        assert 0.0 <= row["certified_gap"] <= 1.0
+    assert "cert. gap" in capsys.readouterr().out
+    assert main(["certify", str(tmp_path / "missing.safetensors"), "--keep", "2"]) == 2
