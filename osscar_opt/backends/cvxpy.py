@@ -30,7 +30,10 @@ from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
 
 OPTIONS = ("formulation", "solver", "time_limit", "rel_gap", "mip_gap", "warm_start", "shift", "verbose",
-           "relaxation_iterations", "max_iterations", "solver_options")
+           "relaxation_iterations", "max_iterations", "solver_options", "max_variables")
+# The MIQP form has p * r continuous variables and a dense p x p quadratic; past this CVXPY's
+# canonicalization alone takes gigabytes (a real 384-column layer with r = 384 needs tens of GB).
+MAX_MIQP_VARIABLES = 20_000
 
 MILP_SOLVERS = ("SCIP", "GUROBI", "HIGHS", "SCIPY", "CBC", "GLPK_MI", "CPLEX", "MOSEK", "XPRESS", "COPT",
                 "ECOS_BB")
@@ -118,6 +121,15 @@ class CvxpyBackend(Backend):
         extra = options.get("solver_options") or {}
         if not isinstance(extra, dict):
             raise ValueError(f"solver_options: expected a dict, got {type(extra).__name__}")
+        if formulation == "miqp":
+            limit = options.get("max_variables", MAX_MIQP_VARIABLES)
+            variables = problem.num_columns * min(problem.num_columns, problem.num_outputs) + problem.num_groups
+            if variables > limit:
+                raise ValueError(
+                    f"formulation: the miqp form of this layer has {variables} variables (more than max_variables="
+                    f"{limit}) and a dense quadratic that CVXPY cannot build in reasonable memory; use "
+                    "formulation='outer-approximation' (one binary per group) or osscar_opt.certify for a bound"
+                )
         start = _exact.warm_start(problem, keep, options.get("warm_start", True))
         setup = _exact.prepare(problem, keep, options.get("shift", "scalar"), start, iterations)
         deadline = None if time_limit is None else begin + time_limit
