@@ -172,7 +172,7 @@ class _BlockPruner:
         structure = self.structures(self.block)[key]
         consumer = structure.consumer
         device = consumer.weight.device
-        accumulator = StatsAccumulator(consumer.in_features, consumer.out_features, device=device)
+        accumulator = StatsAccumulator(structure.in_features, structure.out_features, device=device)
         inputs: list[torch.Tensor] = []
         handle = _record_io(consumer, inputs, "input")
         try:
@@ -184,7 +184,7 @@ class _BlockPruner:
             handle.remove()
         refit = bool(self.options["refit_bias"]) and consumer.bias is not None
         problem = accumulator.problem(
-            consumer.weight.detach(),
+            structure.weight(),
             structure.groups,
             damp=self.options["damp"],
             bias=None if consumer.bias is None else consumer.bias.detach(),

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from osscar_opt import cli
 from osscar_opt.adapters.base import adapter_for
@@ -95,12 +95,15 @@ def test_bad_prune_arguments_are_clean_errors(tiny_bert_folder, extra, message, 
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    assert cli.main(["prune", "--model", str(tmp_path / "gpt2"), "--quiet"]) == 2
+    config = GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                           vocab_size=50)
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    assert cli.main(["prune", "--model", str(tmp_path / "neox"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "unsupported architecture 'gpt2'" in err and "bert" in err and "llama" in err and "opt" in err
+    assert "unsupported architecture 'gpt_neox'" in err
+    assert all(name in err for name in ("bert", "gpt2", "llama", "opt"))
     with pytest.raises(ValueError, match="supported: bert"):
-        adapter_for(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))
+        adapter_for(GPTNeoXForCausalLM(config))
 
 
 def test_empty_calibration_text_is_a_clean_error(tiny_bert_folder, tmp_path, capsys):

@@ -27,7 +27,7 @@ def test_keep_all_with_dense_weights_reproduces_dense_output_exactly(family):
     ids = token_ids()
     dense = output_of(model, ids)
     for block, structure in list(_structures(model)):
-        apply_solution(block, structure, range(structure.num_groups), structure.consumer.weight.detach())
+        apply_solution(block, structure, range(structure.num_groups), structure.weight())
     assert torch.equal(output_of(model, ids), dense)
 
 
@@ -37,10 +37,9 @@ def test_keep_all_solution_of_the_layer_problem_reproduces_dense_output(family):
     ids = token_ids()
     dense = output_of(model, ids)
     for block, structure in list(_structures(model)):
-        consumer = structure.consumer
-        accumulator = StatsAccumulator(consumer.in_features)
-        accumulator.add(torch.randn(200, consumer.in_features, generator=torch.Generator().manual_seed(1)))
-        problem = accumulator.problem(consumer.weight.detach(), structure.groups)
+        accumulator = StatsAccumulator(structure.in_features)
+        accumulator.add(torch.randn(200, structure.in_features, generator=torch.Generator().manual_seed(1)))
+        problem = accumulator.problem(structure.weight(), structure.groups)
         solution = solve(problem, problem.num_groups, "local-search")
         apply_solution(block, structure, solution.support, solution.weights)
     torch.testing.assert_close(output_of(model, ids), dense, rtol=1e-5, atol=1e-5)
@@ -64,10 +63,10 @@ def test_pruning_a_zeroed_group_leaves_the_output_unchanged(family, structure_in
     block, structure = list(_structures(model))[structure_index]
     victim = 1
     with torch.no_grad():
-        structure.consumer.weight[:, structure.groups[victim]] = 0.0
+        structure.weight()[:, structure.groups[victim]] = 0.0  # a view: zeroes the layer's weight
     before = output_of(model, ids)
     support = [g for g in range(structure.num_groups) if g != victim]
-    apply_solution(block, structure, support, structure.consumer.weight.detach())
+    apply_solution(block, structure, support, structure.weight())
     after = output_of(model, ids)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     assert adapter_for(model).blocks()[0] is block
@@ -113,3 +112,31 @@ def test_llama_gqa_pruning_removes_whole_kv_groups():
         assert layer.mlp.down_proj.in_features == 24 and layer.mlp.intermediate_size == 24
     generated = model.generate(token_ids(1, 4), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
+
+
+def test_gpt2_pruning_keeps_conv1d_layers_and_splits_the_fused_projection():
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_model("gpt2")
+    prune(model, token_ids(), heads_sparsity=0.5, neurons_sparsity=0.25, backend="greedy", progress=False)
+    for layer in model.transformer.h:
+        attention = layer.attn
+        assert attention.num_heads == 2 and attention.split_size == 2 * attention.head_dim == 16
+        assert isinstance(attention.c_attn, Conv1D) and attention.c_attn.weight.shape == (32, 48)
+        assert attention.c_proj.weight.shape == (16, 32) and attention.c_proj.nx == 16
+        assert layer.mlp.c_fc.weight.shape == (32, 36) and layer.mlp.c_proj.weight.shape == (36, 32)
+    generated = model.generate(token_ids(1, 4), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+
+
+def test_gpt2_fused_projection_keeps_query_key_value_rows_of_the_same_heads():
+    model = tiny_model("gpt2")
+    attention = model.transformer.h[0].attn
+    width = attention.split_size
+    dense = attention.c_attn.weight.detach().clone()  # (in, 3 * width)
+    structure = adapter_for(model).attention(model.transformer.h[0], "transformer.h.0")
+    apply_solution(model.transformer.h[0], structure, [1, 3], structure.weight())
+    head = attention.head_dim
+    kept = [c for h in (1, 3) for c in range(h * head, (h + 1) * head)]
+    expected = torch.cat([dense[:, [segment * width + c for c in kept]] for segment in range(3)], dim=1)
+    assert torch.equal(attention.c_attn.weight, expected)

@@ -1,12 +1,21 @@
-"""Tiny random transformers (BERT, OPT, LLaMA with GQA) built from configs, no download."""
+"""Tiny random transformers (BERT, OPT, LLaMA with GQA, GPT-2) built from configs, no download."""
 
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 VOCAB = 120
-FAMILIES = ("bert", "opt", "llama")
+FAMILIES = ("bert", "opt", "llama", "gpt2")
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -20,6 +29,9 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     elif family == "llama":
         config = LlamaConfig(intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64, **common)
         model = LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64)
+        model = GPT2LMHeadModel(config)
     else:
         raise ValueError(family)
     return model.eval()

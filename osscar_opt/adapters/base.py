@@ -88,10 +88,11 @@ class ModelAdapter:
 
 def _registry() -> list[type[ModelAdapter]]:
     from osscar_opt.adapters.bert import BertAdapter
+    from osscar_opt.adapters.gpt2 import Gpt2Adapter
     from osscar_opt.adapters.llama import LlamaAdapter
     from osscar_opt.adapters.opt import OptAdapter
 
-    return [BertAdapter, OptAdapter, LlamaAdapter]
+    return [BertAdapter, OptAdapter, LlamaAdapter, Gpt2Adapter]
 
 
 def supported_model_types() -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from osscar_opt.formulations.structures import Producer, Structure, check_linear, contiguous_groups
+from osscar_opt.formulations.structures import Producer, Structure, check_linear, contiguous_groups, linear_shape
 
 
 def head_structure(
@@ -28,13 +28,35 @@ def head_structure(
 ) -> Structure:
     """Attention heads as groups of the output projection (``num_heads * head_dim`` inputs)."""
     output = check_linear(output, f"{name} (attention output)")
-    width = output.in_features
-    if head_dim <= 0 or width % head_dim:
-        raise ValueError(f"model: {name} has {width} inputs, not a multiple of head_dim={head_dim}")
-    num_heads = width // head_dim
-    groups = contiguous_groups(num_heads, head_dim)
+    groups = _head_groups(name, output, head_dim)
     producers = [Producer(check_linear(m, f"{name} producer"), groups) for m in (query, key, value)]
     return Structure(name, "heads", output, groups, producers, on_resize)
+
+
+def fused_head_structure(
+    name: str,
+    query_key_value: nn.Module,
+    output: nn.Module,
+    head_dim: int,
+    on_resize: Callable[[int], None] | None = None,
+) -> Structure:
+    """Heads with one fused ``q | k | v`` projection (GPT-2's ``c_attn``, ``3 * width`` outputs)."""
+    output = check_linear(output, f"{name} (attention output)")
+    fused = check_linear(query_key_value, f"{name} fused query/key/value projection")
+    groups = _head_groups(name, output, head_dim)
+    width = linear_shape(output)[1]
+    if linear_shape(fused)[0] != 3 * width:
+        raise ValueError(f"model: {name} fused projection has {linear_shape(fused)[0]} outputs, expected 3 x {width}")
+    rows = [[segment * width + i for segment in range(3) for i in columns] for columns in groups]
+    return Structure(name, "heads", output, groups, [Producer(fused, rows, segments=3)], on_resize)
+
+
+def _head_groups(name: str, output: nn.Module, head_dim: int) -> list[list[int]]:
+    """``head_dim``-wide column groups of the output projection."""
+    width = linear_shape(output)[1]
+    if head_dim <= 0 or width % head_dim:
+        raise ValueError(f"model: {name} has {width} inputs, not a multiple of head_dim={head_dim}")
+    return contiguous_groups(width // head_dim, head_dim)
 
 
 def kv_group_structure(
@@ -49,10 +71,11 @@ def kv_group_structure(
     """GQA key-value groups: one KV head with all the query heads that read it."""
     output = check_linear(output, f"{name} (attention output)")
     key = check_linear(key, f"{name} key projection")
-    if head_dim <= 0 or output.in_features % head_dim or key.out_features % head_dim:
+    width, kv_width = linear_shape(output)[1], linear_shape(key)[0]
+    if head_dim <= 0 or width % head_dim or kv_width % head_dim:
         raise ValueError(f"model: {name} projections are not multiples of head_dim={head_dim}")
-    num_heads = output.in_features // head_dim
-    num_kv = key.out_features // head_dim
+    num_heads = width // head_dim
+    num_kv = kv_width // head_dim
     if num_heads % num_kv:
         raise ValueError(f"model: {name} has {num_heads} query heads for {num_kv} KV heads (not a multiple)")
     width = (num_heads // num_kv) * head_dim

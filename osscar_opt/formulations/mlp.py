@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from osscar_opt.formulations.structures import Producer, Structure, check_linear
+from osscar_opt.formulations.structures import Producer, Structure, check_linear, linear_shape
 
 
 def neuron_structure(
@@ -21,12 +21,12 @@ def neuron_structure(
 ) -> Structure:
     """MLP neurons as single-column groups of ``down`` (``intermediate_size`` inputs)."""
     down = check_linear(down, f"{name} (MLP down projection)")
-    width = down.in_features
+    width = linear_shape(down)[1]
     groups = [[i] for i in range(width)]
     linears = [check_linear(m, f"{name} producer") for m in producers]
     for module in linears:
-        if module.out_features != width:
+        if linear_shape(module)[0] != width:
             raise ValueError(
-                f"model: {name} producer has {module.out_features} outputs, down projection {width} inputs"
+                f"model: {name} producer has {linear_shape(module)[0]} outputs, down projection {width} inputs"
             )
     return Structure(name, "neurons", down, groups, [Producer(m, groups) for m in linears], on_resize)
