@@ -55,6 +55,13 @@ def check_gap(options: dict[str, Any], default: float = 1e-6) -> float:
     return float(value)
 
 
+def check_count(name: str, value: Any) -> int:
+    """A positive integer count (iterations, masters), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
 def warm_start(problem: LayerProblem, keep: int, value: Any) -> tuple[int, ...] | None:
     """The warm-start support: default the local-search solution; False/None for none; or group ids."""
     if value is False or value is None:
@@ -124,6 +131,16 @@ def prepare(problem: LayerProblem, keep: int, shift: str, start: tuple[int, ...]
     result = relax(fn, keep, iterations=relaxation_iterations, keep_cuts=True)
     cuts.extend(result.cuts)
     return Setup(fn, incumbent, max(result.bound, 0.0), cuts, time.perf_counter() - begin)
+
+
+def cut_coefficients(cut: Cut, c0: float) -> tuple[torch.Tensor, float]:
+    """``(slope, constant)`` of ``eta >= slope . z + constant``, the cut in units of ``c0``."""
+    return cut.grad / c0, (cut.value - float(cut.grad @ cut.z)) / c0
+
+
+def start_vector(support: Sequence[int], num_groups: int) -> list[float]:
+    """The MIP start of ``z``: 1.0 on ``support``, 0.0 elsewhere."""
+    return binary_point(support, num_groups).tolist()
 
 
 def cut_from_binary(fn: PerspectiveFunction, support: Sequence[int]) -> Cut:

@@ -115,9 +115,7 @@ class CvxpyBackend(Backend):
         solver = check_solver(options.get("solver", "SCIP"), formulation)
         time_limit = _exact.check_positive("time_limit", options.get("time_limit"))
         rel_gap = _exact.check_gap(options)
-        iterations = options.get("relaxation_iterations", 30)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"relaxation_iterations: expected a positive integer, got {iterations!r}")
+        iterations = _exact.check_count("relaxation_iterations", options.get("relaxation_iterations", 30))
         extra = options.get("solver_options") or {}
         if not isinstance(extra, dict):
             raise ValueError(f"solver_options: expected a dict, got {type(extra).__name__}")
@@ -136,9 +134,7 @@ class CvxpyBackend(Backend):
         settings = {"solver": solver, "verbose": bool(options.get("verbose", False)), "extra": extra,
                     "deadline": deadline, "rel_gap": rel_gap}
         if formulation == "outer-approximation":
-            max_iterations = options.get("max_iterations", 500)
-            if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-                raise ValueError(f"max_iterations: expected a positive integer, got {max_iterations!r}")
+            max_iterations = _exact.check_count("max_iterations", options.get("max_iterations", 500))
             status, bound, info = self._outer_approximation(problem, keep, setup, settings, max_iterations)
         else:
             status, bound, info = self._miqp(problem, keep, setup, settings)
@@ -194,8 +190,9 @@ class CvxpyBackend(Backend):
 
         fn, c0 = setup.fn, setup.fn.c0
         G = problem.num_groups
-        slopes = [(cut.grad / c0).cpu().numpy() for cut in setup.cuts]
-        constants = [(cut.value - float(cut.grad @ cut.z)) / c0 for cut in setup.cuts]
+        coefficients = [_exact.cut_coefficients(cut, c0) for cut in setup.cuts]
+        slopes = [slope.cpu().numpy() for slope, _ in coefficients]
+        constants = [constant for _, constant in coefficients]
         z = cp.Variable(G, boolean=True)
         eta = cp.Variable()
         floor = max(setup.relaxation_bound, 0.0) / c0
@@ -223,8 +220,9 @@ class CvxpyBackend(Backend):
                 status = "optimal"
                 break
             seen.add(support)
-            slopes.append((cut.grad / c0).cpu().numpy())
-            constants.append((cut.value - float(cut.grad @ cut.z)) / c0)
+            slope, constant = _exact.cut_coefficients(cut, c0)
+            slopes.append(slope.cpu().numpy())
+            constants.append(constant)
         return status, bound, {"masters": masters, "cuts": len(slopes)}
 
     # ------------------------------------------------------------------ perspective MISOCP
@@ -247,9 +245,7 @@ class CvxpyBackend(Backend):
         terms += [cp.quad_over_lin(W[cols.cpu().numpy(), :], z[g]) for g, cols in enumerate(problem.groups)]
         model = cp.Problem(cp.Minimize(cp.sum(terms)), [cp.sum(z) == keep])  # + 1 (= c0 / c0) added below
         if setup.incumbent.support:
-            start = np.zeros(problem.num_groups)
-            start[list(setup.incumbent.support)] = 1.0
-            z.value = start
+            z.value = np.asarray(_exact.start_vector(setup.incumbent.support, problem.num_groups))
         outcome = self._run(model, settings, settings["rel_gap"])
         raw_status, dual = self._solver_report(model)
         bound = None

@@ -26,8 +26,6 @@ import math
 import time
 from typing import Any
 
-import torch
-
 from osscar_opt.backends import _exact
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
@@ -147,9 +145,8 @@ def _set_parameters(model, options: dict[str, Any], rel_gap: float, remaining: f
 def _add_cut(model, z, eta, cut: _exact.Cut, c0: float, lazy: bool = False) -> None:
     import gurobipy as gp
 
-    grad = (cut.grad / c0).cpu().tolist()
-    constant = (cut.value - float(cut.grad @ cut.z)) / c0
-    expression = gp.LinExpr(grad, list(z)) + constant
+    slope, constant = _exact.cut_coefficients(cut, c0)
+    expression = gp.LinExpr(slope.cpu().tolist(), list(z)) + constant
     if lazy:
         model.cbLazy(eta >= expression)
     else:
@@ -171,9 +168,7 @@ class GurobiBackend(Backend):
         time_limit = _exact.check_positive("time_limit", options.get("time_limit"))
         rel_gap = _exact.check_gap(options)
         shift = options.get("shift", "scalar")
-        iterations = options.get("relaxation_iterations", 30)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"relaxation_iterations: expected a positive integer, got {iterations!r}")
+        iterations = _exact.check_count("relaxation_iterations", options.get("relaxation_iterations", 30))
         env, owned = _environment(options)
         try:
             if formulation == "miqp" and options.get("size_check", True):
@@ -229,9 +224,8 @@ class GurobiBackend(Backend):
                 _add_cut(model, z_list, eta, cut, c0)
             model.setObjective(eta, GRB.MINIMIZE)
             if setup.incumbent.support or keep == 0:
-                chosen = set(setup.incumbent.support)
-                for g in range(G):
-                    z[g].Start = 1.0 if g in chosen else 0.0
+                for g, value in enumerate(_exact.start_vector(setup.incumbent.support, G)):
+                    z[g].Start = value
                 eta.Start = setup.incumbent.loss / c0
             _set_parameters(model, options, rel_gap, remaining)
             model.Params.LazyConstraints = 1
@@ -292,9 +286,7 @@ class GurobiBackend(Backend):
                 block = W[cols.tolist(), :].reshape(-1)
                 model.addConstr(block @ block <= s[g] * z[g])
             if setup.incumbent.support or keep == 0:
-                start = torch.zeros(G)
-                start[list(setup.incumbent.support)] = 1.0
-                z.Start = start.numpy()
+                z.Start = _exact.start_vector(setup.incumbent.support, G)
             _set_parameters(model, options, rel_gap, remaining)
             if remaining is None or remaining > 0:
                 self._optimize(model, "miqp", True)
