@@ -44,7 +44,9 @@ def parse_args() -> argparse.Namespace:
                         help="JSON options of local-search on SmolLM2 (default: no restarts, for time)")
     parser.add_argument("--quick", action="store_true", help="tiny sample counts, two backends")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--table-from", type=Path, default=None, help="only print the table of a saved JSON")
+    parser.add_argument("--table-from", type=Path, nargs="+", default=None,
+                        help="print the table of saved JSON files (e.g. one per model) and write their rows, "
+                             "combined, as end_to_end.json and end_to_end.png under --out")
     return parser.parse_args()
 
 
@@ -131,11 +133,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def combine(paths: list[Path], out: Path) -> None:
+    """Print the rows of saved runs as one table; write them as one JSON and plot under ``out``."""
+    documents = [json.loads(path.read_text()) for path in paths]
+    rows = [r for document in documents for r in document["rows"]]
+    print(markdown(rows))
+    if len(paths) > 1:
+        out.mkdir(parents=True, exist_ok=True)
+        runs = [{"source": str(path), "seconds": d.get("seconds"), "settings": d.get("settings")}
+                for path, d in zip(paths, documents, strict=True)]
+        (out / "end_to_end.json").write_text(json.dumps({"note": SMOLLM2_NOTE, "runs": runs, "rows": rows}, indent=1))
+        plot(rows, out / "end_to_end.png")
+        print(f"wrote {out / 'end_to_end.json'} and end_to_end.png")
+
+
 def main() -> None:
     args = parse_args()
     if args.table_from is not None:
-        document = json.loads(args.table_from.read_text())
-        print(markdown(document["rows"]))
+        combine(args.table_from, args.out)
         return
     if args.quick:
         args.minilm_samples, args.smollm2_samples, args.perplexity_windows = 8, 4, 4
