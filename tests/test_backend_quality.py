@@ -84,6 +84,18 @@ def test_cpu_result_is_deterministic_for_a_seed():
     assert torch.equal(first.weights, second.weights)
 
 
+def test_restart_patience_stops_restarts_that_no_longer_improve():
+    problem = random_problem([2] * 16, outputs=6, seed=12)
+    full = solve(problem, 8, backend="local-search", restarts=8)
+    patient = solve(problem, 8, backend="local-search", restarts=8, restart_patience=1)
+    assert full.info["restarts_run"] == 8
+    assert 1 <= patient.info["restarts_run"] < 8
+    assert patient.loss >= full.loss * (1 - 1e-12)  # the same seed: a prefix of the same restarts
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="restart_patience"):
+            solve(problem, 8, backend="local-search", restart_patience=bad)
+
+
 def test_staged_removal_path_covers_intermediate_budgets():
     problem = random_problem([1] * 30, outputs=5, seed=6)
     greedy = solve(problem, 10, backend="greedy")
