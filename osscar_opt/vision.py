@@ -348,9 +348,8 @@ def run_prune(args: Any) -> int:
     batch_size = int(getattr(args, "batch_size", None) or 32)
     device = torch.device(getattr(args, "device", None) or "cpu")
     weights = getattr(args, "weights", None)
-    image_size = getattr(args, "image_size", None) or (
-        224 if weights else (64 if architecture == "mobilenet_v2" else 32)
-    )
+    recipe = vision_data.TRAINING_DEFAULTS.get(architecture, vision_data.DEFAULT_TRAINING)
+    image_size = getattr(args, "image_size", None) or (224 if weights else recipe["image_size"])
     info: dict[str, Any] = {}
     if weights:
         model = model_from_weights(architecture, load_state_dict(weights)).to(device)
