@@ -8,11 +8,25 @@ per model family; the driver never branches on model names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import nn
 
 from osscar_opt.formulations.structures import Structure
+
+
+def size_setter(module: nn.Module, **per_group: int) -> Callable[[int], None]:
+    """``on_resize`` for a structure: after surgery sets ``module.<name> = keep * per_group[name]``.
+
+    E.g. ``size_setter(attention, num_heads=1, split_size=head_dim)`` for GPT-2 attention.
+    """
+
+    def resize(keep: int) -> None:
+        for name, unit in per_group.items():
+            setattr(module, name, keep * unit)
+
+    return resize
 
 
 class ModelAdapter:

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter
+from osscar_opt.adapters.base import ModelAdapter, size_setter
 from osscar_opt.formulations.attention import head_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
-
-
-def _set_heads(attention: nn.Module, head_size: int):
-    def resize(keep: int) -> None:
-        attention.num_attention_heads = keep
-        attention.all_head_size = keep * head_size
-
-    return resize
 
 
 class BertAdapter(ModelAdapter):
@@ -40,7 +32,7 @@ class BertAdapter(ModelAdapter):
             self_attention.value,
             block.attention.output.dense,
             head_size,
-            _set_heads(self_attention, head_size),
+            size_setter(self_attention, num_attention_heads=1, all_head_size=head_size),
         )
 
     def mlp(self, block: nn.Module, prefix: str) -> Structure:

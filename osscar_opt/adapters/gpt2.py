@@ -13,18 +13,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter
+from osscar_opt.adapters.base import ModelAdapter, size_setter
 from osscar_opt.formulations.attention import fused_head_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
-
-
-def _set_heads(attention: nn.Module, head_dim: int):
-    def resize(keep: int) -> None:
-        attention.num_heads = keep
-        attention.split_size = keep * head_dim
-
-    return resize
 
 
 class Gpt2Adapter(ModelAdapter):
@@ -41,7 +33,8 @@ class Gpt2Adapter(ModelAdapter):
             raise ValueError(f"model: {prefix}.attn is cross-attention, which is not supported")
         head_dim = int(attention.head_dim)
         return fused_head_structure(
-            f"{prefix}.attn.c_proj", attention.c_attn, attention.c_proj, head_dim, _set_heads(attention, head_dim)
+            f"{prefix}.attn.c_proj", attention.c_attn, attention.c_proj, head_dim,
+            size_setter(attention, num_heads=1, split_size=head_dim),
         )
 
     def mlp(self, block: nn.Module, prefix: str) -> Structure:

@@ -12,18 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter
+from osscar_opt.adapters.base import ModelAdapter, size_setter
 from osscar_opt.formulations.attention import kv_group_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
-
-
-def _set_intermediate(mlp: nn.Module):
-    def resize(keep: int) -> None:
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = keep
-
-    return resize
 
 
 class LlamaAdapter(ModelAdapter):
@@ -47,6 +39,5 @@ class LlamaAdapter(ModelAdapter):
 
     def mlp(self, block: nn.Module, prefix: str) -> Structure:
         mlp = block.mlp
-        return neuron_structure(
-            f"{prefix}.mlp.down_proj", [mlp.gate_proj, mlp.up_proj], mlp.down_proj, _set_intermediate(mlp)
-        )
+        resize = size_setter(mlp, intermediate_size=1)
+        return neuron_structure(f"{prefix}.mlp.down_proj", [mlp.gate_proj, mlp.up_proj], mlp.down_proj, resize)

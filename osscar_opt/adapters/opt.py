@@ -8,17 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter
+from osscar_opt.adapters.base import ModelAdapter, size_setter
 from osscar_opt.formulations.attention import head_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
-
-
-def _set_heads(attention: nn.Module):
-    def resize(keep: int) -> None:
-        attention.num_heads = keep
-
-    return resize
 
 
 class OptAdapter(ModelAdapter):
@@ -38,7 +31,7 @@ class OptAdapter(ModelAdapter):
             attention.v_proj,
             attention.out_proj,
             int(attention.head_dim),
-            _set_heads(attention),
+            size_setter(attention, num_heads=1),
         )
 
     def mlp(self, block: nn.Module, prefix: str) -> Structure:

@@ -55,6 +55,30 @@ def check_gap(options: dict[str, Any], default: float = 1e-6) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class CommonOptions:
+    """The options both exact backends take, checked."""
+
+    formulation: str
+    time_limit: float | None
+    rel_gap: float
+    shift: str
+    relaxation_iterations: int
+    warm_start: Any
+
+
+def common_options(options: dict[str, Any]) -> CommonOptions:
+    """Check and default ``formulation``, ``time_limit``, ``rel_gap``, ``shift``, ``relaxation_iterations``."""
+    return CommonOptions(
+        formulation=check_formulation(options.get("formulation", "outer-approximation")),
+        time_limit=check_positive("time_limit", options.get("time_limit")),
+        rel_gap=check_gap(options),
+        shift=options.get("shift", "scalar"),
+        relaxation_iterations=check_count("relaxation_iterations", options.get("relaxation_iterations", 30)),
+        warm_start=options.get("warm_start", True),
+    )
+
+
 def check_count(name: str, value: Any) -> int:
     """A positive integer count (iterations, masters), else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,11 +140,12 @@ class Setup:
     seconds: float = 0.0
 
 
-def prepare(problem: LayerProblem, keep: int, shift: str, start: tuple[int, ...] | None,
-            relaxation_iterations: int) -> Setup:
-    """Perspective function, warm-start incumbent and the root relaxation (bound and cuts)."""
+def prepare(problem: LayerProblem, keep: int, common: CommonOptions) -> Setup:
+    """Warm start, perspective function, incumbent and the root relaxation (bound and cuts)."""
     begin = time.perf_counter()
-    fn = PerspectiveFunction(problem, make_shift(problem, shift, keep))
+    start = warm_start(problem, keep, common.warm_start)
+    relaxation_iterations = common.relaxation_iterations
+    fn = PerspectiveFunction(problem, make_shift(problem, common.shift, keep))
     incumbent = Incumbent()
     cuts: list[Cut] = []
     if start is not None:

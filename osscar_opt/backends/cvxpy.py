@@ -62,31 +62,26 @@ def check_solver(solver: Any, formulation: str) -> str:
     return name
 
 
+# Per solver: (keyword that wraps the parameters or None, gap parameter, time parameter, least time).
+SOLVER_PARAMETERS = {
+    "SCIP": ("scip_params", "limits/gap", "limits/time", 0.01),
+    "GUROBI": (None, "MIPGap", "TimeLimit", 0.0),
+    "HIGHS": (None, "mip_rel_gap", "time_limit", 0.01),
+    "SCIPY": ("scipy_options", "mip_rel_gap", "time_limit", 0.01),
+}
+
+
 def solver_arguments(solver: str, time_limit: float | None, gap: float) -> dict[str, Any]:
     """Time limit and relative MIP gap in the keyword arguments each solver understands."""
-    if solver == "SCIP":
-        params: dict[str, Any] = {"limits/gap": gap}
-        if time_limit is not None:
-            params["limits/time"] = max(time_limit, 0.01)
-        return {"scip_params": params}
-    if solver == "GUROBI":
-        arguments: dict[str, Any] = {"MIPGap": gap}
-        if time_limit is not None:
-            arguments["TimeLimit"] = max(time_limit, 0.0)
-        return arguments
-    if solver == "HIGHS":
-        arguments = {"mip_rel_gap": gap}
-        if time_limit is not None:
-            arguments["time_limit"] = max(time_limit, 0.01)
-        return arguments
-    if solver == "SCIPY":
-        options: dict[str, Any] = {"mip_rel_gap": gap}
-        if time_limit is not None:
-            options["time_limit"] = max(time_limit, 0.01)
-        return {"scipy_options": options}
     if solver == "ECOS_BB":
         return {"mi_rel_eps": max(gap, 1e-9), "mi_abs_eps": 1e-12}
-    return {}
+    if solver not in SOLVER_PARAMETERS:
+        return {}
+    wrapper, gap_name, time_name, least_time = SOLVER_PARAMETERS[solver]
+    params: dict[str, Any] = {gap_name: gap}
+    if time_limit is not None:
+        params[time_name] = max(time_limit, least_time)
+    return {wrapper: params} if wrapper else params
 
 
 def _gurobi_is_size_limited() -> bool:
@@ -111,11 +106,9 @@ class CvxpyBackend(Backend):
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
         check_options(self.name, options, OPTIONS)
         begin = time.perf_counter()
-        formulation = _exact.check_formulation(options.get("formulation", "outer-approximation"))
+        common = _exact.common_options(options)
+        formulation = common.formulation
         solver = check_solver(options.get("solver", "SCIP"), formulation)
-        time_limit = _exact.check_positive("time_limit", options.get("time_limit"))
-        rel_gap = _exact.check_gap(options)
-        iterations = _exact.check_count("relaxation_iterations", options.get("relaxation_iterations", 30))
         extra = options.get("solver_options") or {}
         if not isinstance(extra, dict):
             raise ValueError(f"solver_options: expected a dict, got {type(extra).__name__}")
@@ -128,11 +121,10 @@ class CvxpyBackend(Backend):
                     f"{limit}) and a dense quadratic that CVXPY cannot build in reasonable memory; use "
                     "formulation='outer-approximation' (one binary per group) or osscar_opt.certify for a bound"
                 )
-        start = _exact.warm_start(problem, keep, options.get("warm_start", True))
-        setup = _exact.prepare(problem, keep, options.get("shift", "scalar"), start, iterations)
-        deadline = None if time_limit is None else begin + time_limit
+        setup = _exact.prepare(problem, keep, common)
+        deadline = None if common.time_limit is None else begin + common.time_limit
         settings = {"solver": solver, "verbose": bool(options.get("verbose", False)), "extra": extra,
-                    "deadline": deadline, "rel_gap": rel_gap}
+                    "deadline": deadline, "rel_gap": common.rel_gap}
         if formulation == "outer-approximation":
             max_iterations = _exact.check_count("max_iterations", options.get("max_iterations", 500))
             status, bound, info = self._outer_approximation(problem, keep, setup, settings, max_iterations)

@@ -164,20 +164,16 @@ class GurobiBackend(Backend):
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
         check_options(self.name, options, OPTIONS)
         begin = time.perf_counter()
-        formulation = _exact.check_formulation(options.get("formulation", "outer-approximation"))
-        time_limit = _exact.check_positive("time_limit", options.get("time_limit"))
-        rel_gap = _exact.check_gap(options)
-        shift = options.get("shift", "scalar")
-        iterations = _exact.check_count("relaxation_iterations", options.get("relaxation_iterations", 30))
+        common = _exact.common_options(options)
+        formulation, time_limit = common.formulation, common.time_limit
         env, owned = _environment(options)
         try:
             if formulation == "miqp" and options.get("size_check", True):
                 self._check_size(env, problem, formulation)
-            start = _exact.warm_start(problem, keep, options.get("warm_start", True))
-            setup = _exact.prepare(problem, keep, shift, start, iterations)
+            setup = _exact.prepare(problem, keep, common)
             remaining = None if time_limit is None else time_limit - (time.perf_counter() - begin)
             runner = self._outer_approximation if formulation == "outer-approximation" else self._miqp
-            status, bound, info = runner(env, problem, keep, setup, options, rel_gap, remaining)
+            status, bound, info = runner(env, problem, keep, setup, options, common.rel_gap, remaining)
         finally:
             if owned:
                 env.dispose()

@@ -26,11 +26,11 @@ def head_structure(
     head_dim: int,
     on_resize: Callable[[int], None] | None = None,
 ) -> Structure:
-    """Attention heads as groups of the output projection (``num_heads * head_dim`` inputs)."""
-    output = check_linear(output, f"{name} (attention output)")
-    groups = _head_groups(name, output, head_dim)
-    producers = [Producer(check_linear(m, f"{name} producer"), groups) for m in (query, key, value)]
-    return Structure(name, "heads", output, groups, producers, on_resize)
+    """Attention heads as groups of the output projection (``num_heads * head_dim`` inputs).
+
+    Multi-head attention is GQA with one query head per KV head: see :func:`kv_group_structure`.
+    """
+    return kv_group_structure(name, query, key, value, output, head_dim, on_resize)
 
 
 def fused_head_structure(
@@ -68,7 +68,10 @@ def kv_group_structure(
     head_dim: int,
     on_resize: Callable[[int], None] | None = None,
 ) -> Structure:
-    """GQA key-value groups: one KV head with all the query heads that read it."""
+    """GQA key-value groups: one KV head with all the query heads that read it.
+
+    With as many KV heads as query heads this is plain multi-head attention (kind ``"heads"``).
+    """
     output = check_linear(output, f"{name} (attention output)")
     key = check_linear(key, f"{name} key projection")
     width, kv_width = linear_shape(output)[1], linear_shape(key)[0]
@@ -86,4 +89,5 @@ def kv_group_structure(
         Producer(key, kv_rows),
         Producer(check_linear(value, f"{name} value projection"), kv_rows),
     ]
-    return Structure(name, "kv-groups", output, query_groups, producers, on_resize)
+    kind = "heads" if num_kv == num_heads else "kv-groups"
+    return Structure(name, kind, output, query_groups, producers, on_resize)

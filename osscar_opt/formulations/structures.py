@@ -12,6 +12,7 @@ weight ``(in, out)``); :func:`linear_weight` and :func:`linear_shape` read both 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 
+@functools.cache
 def _conv1d_type() -> type | None:
     """transformers' ``Conv1D`` class (GPT-2 family), or None when transformers is absent."""
     try:
