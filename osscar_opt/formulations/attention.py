@@ -17,22 +17,6 @@ from torch import nn
 from osscar_opt.formulations.structures import Producer, Structure, check_linear, contiguous_groups, linear_shape
 
 
-def head_structure(
-    name: str,
-    query: nn.Module,
-    key: nn.Module,
-    value: nn.Module,
-    output: nn.Module,
-    head_dim: int,
-    on_resize: Callable[[int], None] | None = None,
-) -> Structure:
-    """Attention heads as groups of the output projection (``num_heads * head_dim`` inputs).
-
-    Multi-head attention is GQA with one query head per KV head: see :func:`kv_group_structure`.
-    """
-    return kv_group_structure(name, query, key, value, output, head_dim, on_resize)
-
-
 def fused_head_structure(
     name: str,
     query_key_value: nn.Module,
@@ -91,3 +75,7 @@ def kv_group_structure(
     ]
     kind = "heads" if num_kv == num_heads else "kv-groups"
     return Structure(name, kind, output, query_groups, producers, on_resize)
+
+
+# Multi-head attention is GQA with one query head per KV head (its structures have kind "heads").
+head_structure = kv_group_structure
