@@ -1,9 +1,9 @@
-"""Certified optimality gaps without integer variables (DESIGN.md, "Relaxations and bounds").
+"""Certified optimality gaps without integer variables (docs/architecture.md, "Relaxations and bounds").
 
 ``certify(problem, solution)`` lower-bounds the optimal loss of ``problem`` at the solution's
 budget by the continuous relaxation of the perspective formulation, minimized over
 ``{0 <= z <= 1, sum z <= keep}`` in torch (projected gradient or Frank-Wolfe; every iterate
-gives a valid bound from its linearization, see :mod:`osscar_opt.backends._perspective`), and
+gives a valid bound from its linearization, see :mod:`osscar_opt.relaxation`), and
 reports the certified gap ``(loss - bound) / loss`` of the solution. It scales to thousands of
 groups (one ``p x p`` Cholesky per iteration).
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from osscar_opt.backends._perspective import PerspectiveFunction, block_shift, relax
 from osscar_opt.problem import LayerProblem
+from osscar_opt.relaxation import PerspectiveFunction, block_shift, relax
 from osscar_opt.solution import Solution
 
 SHIFT_CHOICES = ("scalar", "block", "both")

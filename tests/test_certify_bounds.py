@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from osscar_opt import certify, solve
-from osscar_opt.backends._perspective import (
+from osscar_opt.relaxation import (
     PerspectiveFunction,
     block_shift,
     generalized_block_shift,

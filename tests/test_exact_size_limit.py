@@ -21,7 +21,8 @@ SENTENCES = [
 
 
 def _licence_is_size_limited() -> bool:
-    from osscar_opt.backends.gurobi import _environment, _licence_is_restricted
+    from osscar_opt.backends._gurobi_licence import environment as _environment
+    from osscar_opt.backends._gurobi_licence import licence_is_restricted as _licence_is_restricted
 
     env, _ = _environment({})
     try:
@@ -53,7 +54,7 @@ def minilm_heads_problem():
 def test_miqp_on_a_real_layer_reports_the_licence_limit(minilm_heads_problem):
     if not _licence_is_size_limited():
         pytest.skip("a full Gurobi licence is installed: the size limit does not apply")
-    from osscar_opt.backends.gurobi import GurobiSizeLimitError
+    from osscar_opt.backends._gurobi_licence import GurobiSizeLimitError
 
     with pytest.raises(GurobiSizeLimitError) as caught:
         solve(minilm_heads_problem, 6, backend="gurobi", formulation="miqp")
@@ -75,7 +76,7 @@ def test_outer_approximation_fits_the_licence_on_the_same_layer(minilm_heads_pro
 def test_size_limit_raised_by_gurobi_itself_is_translated():
     if not _licence_is_size_limited():
         pytest.skip("a full Gurobi licence is installed: the size limit does not apply")
-    from osscar_opt.backends.gurobi import GurobiSizeLimitError
+    from osscar_opt.backends._gurobi_licence import GurobiSizeLimitError
 
     problem = random_problem([8] * 6, outputs=6, seed=7)  # 6 * 8 * 6 + 12 = 300 variables, quadratic
     with pytest.raises(GurobiSizeLimitError, match="10010.*300 variables"):

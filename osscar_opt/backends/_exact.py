@@ -1,6 +1,7 @@
 """Pieces shared by the exact backends (``gurobi``, ``cvxpy``): options, warm start, incumbents.
 
-Both backends solve one of two formulations of the same problem (DESIGN.md, "Exact formulations"):
+Both backends solve one of two formulations of the same problem (docs/architecture.md,
+"Exact formulations"; the math is in :mod:`osscar_opt.relaxation`):
 
 - ``"outer-approximation"``: binaries ``z`` and one epigraph variable ``eta`` with cuts
   ``eta >= f(z_t) + grad f(z_t) . (z - z_t)`` of the convex perspective function ``f``;
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 
-from osscar_opt.backends._perspective import Cut, PerspectiveFunction, make_shift, relax, safe_bound
+from osscar_opt.backends import _search
 from osscar_opt.backends.base import SearchResult
 from osscar_opt.problem import LayerProblem
+from osscar_opt.relaxation import Cut, PerspectiveFunction, make_shift, relax, safe_bound
 
 FORMULATIONS = ("outer-approximation", "miqp")
 FORMULATION_ALIASES = {"oa": "outer-approximation", "outer-approximation": "outer-approximation",
@@ -86,15 +88,28 @@ def check_count(name: str, value: Any) -> int:
     return value
 
 
+# Named warm starts: the shared search algorithm each runs, with its default options.
+WARM_STARTS = {"local-search": _search.local_search, "greedy": _search.greedy}
+
+
 def warm_start(problem: LayerProblem, keep: int, value: Any) -> tuple[int, ...] | None:
-    """The warm-start support: default the local-search solution; False/None for none; or group ids."""
+    """The warm-start support.
+
+    True or "local-search" (the default): the support the ``local-search`` backend finds with its
+    default options; "greedy": the ``greedy`` backend's; False/None: none; or group ids, or an
+    object with a ``support`` (such as a :class:`~osscar_opt.solution.Solution`).
+    """
     if value is False or value is None:
         return None
-    if value is True or value == "local-search" or isinstance(value, str):
-        from osscar_opt.solving import solve
-
-        name = "local-search" if value is True else value
-        return tuple(solve(problem, keep, backend=name).support)
+    if value is True:
+        value = "local-search"
+    if isinstance(value, str):
+        if value not in WARM_STARTS:
+            raise ValueError(
+                f"warm_start: unknown warm start {value!r}; expected True (the local-search solution), False or "
+                f"None (no warm start), one of {sorted(WARM_STARTS)}, group ids, or a Solution"
+            )
+        return problem.check_support(WARM_STARTS[value](problem, keep).support, "warm_start")
     support = problem.check_support(getattr(value, "support", value), "warm_start")
     if len(support) > keep:
         raise ValueError(f"warm_start: keeps {len(support)} groups, more than keep={keep}")

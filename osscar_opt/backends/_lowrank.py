@@ -1,4 +1,4 @@
-"""Exact low-rank bookkeeping for a kept column set (DESIGN.md, "Scores the search needs").
+"""Exact low-rank bookkeeping for a kept column set (docs/architecture.md, "Scores the search needs").
 
 :class:`KeptSet` holds, for the kept columns ``R`` of a :class:`LayerProblem`,
 

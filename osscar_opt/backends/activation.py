@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from osscar_opt.backends._scores import group_sums, top_groups
 from osscar_opt.backends.base import Backend, SearchResult, check_options
-from osscar_opt.backends.magnitude import group_sums, top_groups
 from osscar_opt.problem import LayerProblem
 
 

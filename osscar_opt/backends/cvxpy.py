@@ -1,6 +1,6 @@
 """``cvxpy``: exact solutions with proven bounds through CVXPY and any installed mixed-integer solver.
 
-Formulations (option ``formulation``; math in :mod:`osscar_opt.backends._perspective`):
+Formulations (option ``formulation``; math in :mod:`osscar_opt.relaxation`):
 
 - ``"outer-approximation"`` (default): a loop of MILP master problems ``min eta`` over binaries
   ``z`` with ``sum z = keep`` and the cuts ``eta >= f(z_t) + grad f(z_t) . (z - z_t)`` found so
@@ -13,8 +13,9 @@ Formulations (option ``formulation``; math in :mod:`osscar_opt.backends._perspec
 Options: ``formulation``, ``solver`` (default "SCIP"; any installed mixed-integer solver by name:
 GUROBI, HIGHS / SCIPY / CBC / GLPK_MI for the OA master, MOSEK if licensed, ECOS_BB),
 ``time_limit`` (seconds), ``rel_gap`` / ``mip_gap`` (default 1e-6), ``warm_start`` (default: the
-local-search solution), ``shift``, ``verbose``, ``relaxation_iterations``, ``max_iterations`` (OA
-masters, default 500), ``solver_options`` (dict passed to ``Problem.solve``).
+local-search solution; "greedy"; False for none; or group ids), ``shift``, ``verbose``,
+``relaxation_iterations``, ``max_iterations`` (OA masters, default 500), ``solver_options`` (dict
+passed to ``Problem.solve``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from osscar_opt.backends import _exact
+from osscar_opt.backends._gurobi_licence import GurobiSizeLimitError, default_licence_is_restricted
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
 
@@ -84,17 +86,6 @@ def solver_arguments(solver: str, time_limit: float | None, gap: float) -> dict[
     return {wrapper: params} if wrapper else params
 
 
-def _gurobi_is_size_limited() -> bool:
-    """True when the default Gurobi licence is the size-limited pip one (a failed solve is then likely 10010)."""
-    from osscar_opt.backends.gurobi import _environment, _licence_is_restricted
-
-    env, _ = _environment({})
-    try:
-        return _licence_is_restricted(env)
-    finally:
-        env.dispose()
-
-
 class CvxpyBackend(Backend):
     """Exact MIP backend through CVXPY (default solver SCIP); always returns a valid bound."""
 
@@ -147,9 +138,7 @@ class CvxpyBackend(Backend):
             problem_.solve(solver=settings["solver"], verbose=settings["verbose"], **arguments)
         except cp.error.SolverError as exc:
             text = " ".join(str(part) for part in (exc, exc.__cause__, exc.__context__) if part is not None)
-            if settings["solver"] == "GUROBI" and _gurobi_is_size_limited():
-                from osscar_opt.backends.gurobi import GurobiSizeLimitError
-
+            if settings["solver"] == "GUROBI" and default_licence_is_restricted():
                 raise GurobiSizeLimitError(
                     f"cvxpy backend, solver GUROBI: {text.strip()} The pip licence of gurobipy allows 2000 "
                     "variables and constraints (200 variables with quadratic or cone terms); use "

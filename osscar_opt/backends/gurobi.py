@@ -1,6 +1,6 @@
 """``gurobi``: exact solutions with proven bounds from Gurobi (gurobipy).
 
-Formulations (option ``formulation``; math in :mod:`osscar_opt.backends._perspective`):
+Formulations (option ``formulation``; math in :mod:`osscar_opt.relaxation`):
 
 - ``"outer-approximation"`` (default): binaries ``z`` (one per group) and one epigraph variable
   ``eta``; ``sum z = keep``; cuts ``eta >= f(z_t) + grad f(z_t) . (z - z_t)`` at the warm start and
@@ -12,12 +12,12 @@ Formulations (option ``formulation``; math in :mod:`osscar_opt.backends._perspec
   cones ``||W_g||_F^2 <= s_g z_g``; ``p r + 2 G`` variables with quadratic terms.
 
 Options: ``formulation``, ``time_limit`` (seconds), ``rel_gap`` / ``mip_gap`` (default 1e-6),
-``threads``, ``warm_start`` (default: the local-search solution; False for none; or group ids),
-``shift`` ("scalar" or "block"), ``env`` (a ``gurobipy.Env``), ``env_params`` (dict of
-environment / licence parameters such as ``WLSACCESSID``, ``WLSSECRET``, ``LICENSEID``),
-``params`` (dict of extra model parameters), ``verbose``, ``relaxation_iterations``,
-``size_check`` (default True: refuse, before building, a model the size-limited licence cannot
-solve).
+``threads``, ``warm_start`` (default True or "local-search": the local-search solution; "greedy";
+False for none; or group ids), ``shift`` ("scalar" or "block"), ``env`` (a ``gurobipy.Env``),
+``env_params`` (dict of environment / licence parameters such as ``WLSACCESSID``, ``WLSSECRET``,
+``LICENSEID``), ``params`` (dict of extra model parameters), ``verbose``,
+``relaxation_iterations``, ``size_check`` (default True: refuse, before building, a model the
+size-limited licence cannot solve).
 """
 
 from __future__ import annotations
@@ -27,20 +27,19 @@ import time
 from typing import Any
 
 from osscar_opt.backends import _exact
+from osscar_opt.backends._gurobi_licence import (
+    LINEAR_LIMIT,
+    QUADRATIC_LIMIT,
+    SIZE_LIMIT_ERROR,
+    GurobiSizeLimitError,
+    environment,
+    licence_is_restricted,
+)
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
 
 OPTIONS = ("formulation", "time_limit", "rel_gap", "mip_gap", "threads", "warm_start", "shift", "env",
            "env_params", "params", "verbose", "relaxation_iterations", "size_check")
-
-SIZE_LIMIT_ERROR = 10010
-LINEAR_LIMIT = 2000
-QUADRATIC_LIMIT = 200
-_RESTRICTED: dict[str, bool] = {}
-
-
-class GurobiSizeLimitError(ValueError):
-    """Gurobi refused the model under its size-limited licence (error 10010)."""
 
 
 def size_limit_message(formulation: str, variables: int, constraints: int, quadratic: bool) -> str:
@@ -59,45 +58,6 @@ def size_limit_message(formulation: str, variables: int, constraints: int, quadr
         f"{variables} variables and {constraints} constraints. Instead {advice}. A full Gurobi licence (commercial "
         "or free academic; pass env_params or set GRB_LICENSE_FILE) lifts the limit."
     )
-
-
-def _environment(options: dict[str, Any]):
-    """The Gurobi environment: ``env`` as given, or a new one with ``env_params`` (output off)."""
-    import gurobipy as gp
-
-    if options.get("env") is not None:
-        if "env_params" in options:
-            raise ValueError("env: give env or env_params, not both")
-        return options["env"], False
-    params = options.get("env_params") or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"env_params: expected a dict of Gurobi parameters, got {type(params).__name__}")
-    env = gp.Env(empty=True)
-    env.setParam("OutputFlag", 1 if options.get("verbose") else 0)
-    for key, value in params.items():
-        env.setParam(key, value)
-    env.start()
-    return env, True
-
-
-def _licence_is_restricted(env) -> bool:
-    """True when ``env`` carries the size-limited licence (probed once with a 201-variable QP)."""
-    import gurobipy as gp
-
-    key = "licence"  # one licence per process (the probe costs a solve, so it runs once)
-    if key not in _RESTRICTED:
-        with gp.Model(env=env) as probe:
-            probe.Params.OutputFlag = 0
-            x = probe.addMVar(QUADRATIC_LIMIT + 1, lb=0.0)
-            probe.setObjective(x @ x)
-            try:
-                probe.optimize()
-                _RESTRICTED[key] = False
-            except gp.GurobiError as exc:
-                if exc.errno != SIZE_LIMIT_ERROR:
-                    raise
-                _RESTRICTED[key] = True
-    return _RESTRICTED[key]
 
 
 def _status(model) -> str:
@@ -166,7 +126,7 @@ class GurobiBackend(Backend):
         begin = time.perf_counter()
         common = _exact.common_options(options)
         formulation, time_limit = common.formulation, common.time_limit
-        env, owned = _environment(options)
+        env, owned = environment(options)
         try:
             if formulation == "miqp" and options.get("size_check", True):
                 self._check_size(env, problem, formulation)
@@ -187,7 +147,7 @@ class GurobiBackend(Backend):
         r = min(problem.num_columns, problem.num_outputs)
         variables = problem.num_columns * r + 2 * problem.num_groups
         constraints = problem.num_groups + 1
-        if variables > QUADRATIC_LIMIT and _licence_is_restricted(env):
+        if variables > QUADRATIC_LIMIT and licence_is_restricted(env):
             raise GurobiSizeLimitError(size_limit_message(formulation, variables, constraints, True))
 
     @staticmethod

@@ -10,20 +10,9 @@ from typing import Any
 
 import torch
 
+from osscar_opt.backends._scores import group_sums, top_groups
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
-
-
-def top_groups(scores: torch.Tensor, keep: int) -> list[int]:
-    """Ids of the ``keep`` largest scores (ties broken by the lower id)."""
-    order = torch.argsort(-scores.to(torch.float64).cpu(), stable=True)
-    return sorted(order[:keep].tolist())
-
-
-def group_sums(problem: LayerProblem, column_values: torch.Tensor) -> torch.Tensor:
-    """Sum of ``column_values`` (p_in,) over each group's columns: (num_groups,)."""
-    values = column_values.to(torch.float64).cpu()
-    return torch.stack([values[cols].sum() for cols in problem.groups])
 
 
 class MagnitudeBackend(Backend):

@@ -1,7 +1,7 @@
-r"""The perspective function of a layer problem, its gradient, shifts and the continuous relaxation.
+r"""Relaxation bounds: the perspective function of a layer problem, its gradient, shifts, the relaxation.
 
-Shared math of the exact backends (``gurobi``, ``cvxpy``) and of :func:`osscar_opt.certify`
-(DESIGN.md, "Exact formulations" and "Relaxations and bounds").
+The one home of the math that :func:`osscar_opt.certify` and the exact backends (``gurobi``,
+``cvxpy``) share (docs/architecture.md, "Exact formulations" and "Relaxations and bounds").
 
 **Thin factor.** The loss ``c0 - trace(G_R^T H_RR^{-1} G_R)`` depends on ``G`` (``p x m``) only
 through ``G G^T``; :func:`thin_factor` returns ``C`` (``p x r``, ``r = min(p, m)``) with
