@@ -1,7 +1,7 @@
 """osscar_opt: one-shot structured pruning by combinatorial optimization (OSSCAR).
 
-Data flows one way: model + calibration data -> formulation -> problem -> backend -> solution ->
-surgery -> smaller model.
+Data flows one way: model + calibration -> structures -> problem -> backend -> solution ->
+surgery -> smaller model (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LayerProblem": "osscar_opt.problem",
-    "StatsAccumulator": "osscar_opt.statistics",
+    "StatsAccumulator": "osscar_opt.accumulator",
     "Solution": "osscar_opt.solution",
     "PathPoint": "osscar_opt.solution",
     "solve": "osscar_opt.solving",
     "certify": "osscar_opt.certify",
-    "prune": "osscar_opt.driver",
+    "prune": "osscar_opt.pipeline",
+    "prune_vision": "osscar_opt.pipeline",
+    "PruneReport": "osscar_opt.pipeline",
+    "LayerRecord": "osscar_opt.pipeline",
+    "keep_count": "osscar_opt.budget",
     "save_pruned": "osscar_opt.io",
     "load_pruned": "osscar_opt.io",
 }

@@ -41,7 +41,7 @@ def make_eval_data(tokenizer, texts: list[str], causal: bool, *, seq_len: int = 
     Perplexity uses at most ``max_windows`` windows of ``seq_len`` tokens; the embedding scores at
     most ``max_passages`` passages; MACs and latency a fixed ``(latency_batch, seq_len)`` batch.
     """
-    from osscar_opt.data import calibration_ids, token_stream
+    from osscar_opt.data.text import calibration_ids, token_stream
 
     if isinstance(seq_len, bool) or int(seq_len) < 1:
         raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")

@@ -81,7 +81,7 @@ def _config_model_type(folder: Path) -> tuple[str, list[str]]:
 
 
 def _check_supported(model_type: str) -> None:
-    from osscar_opt.adapters.base import supported_model_types
+    from osscar_opt.adapters.registry import supported_model_types
 
     if model_type not in supported_model_types():
         raise ValueError(
@@ -128,9 +128,12 @@ def load_model(spec: str | None, device: str | None = None, dtype: str | None = 
     else:
         path = Path(spec)
         if not path.exists():
+            from osscar_opt.adapters.registry import vision_architectures
+
             raise ValueError(
                 f"model: {spec!r} is not a local folder or file (expected a Hugging Face model folder, a .gguf "
-                f"file, '{DEFAULT_MODEL}' or '{SMOLLM2}')"
+                f"file, '{DEFAULT_MODEL}', '{SMOLLM2}' or a torchvision architecture: "
+                f"{', '.join(vision_architectures())})"
             )
         if path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path)

@@ -1,4 +1,4 @@
-"""The reformulated layer problem (DESIGN.md, "The layer problem").
+"""The reformulated layer problem (docs/architecture.md, "The layer problem").
 
 A linear layer ``y = W x + b`` with ``W`` of shape ``(m, p)`` is pruned by removing *input groups*
 (disjoint sets of input columns). With calibration inputs ``X`` (``n x p``) and targets ``Y``
@@ -120,6 +120,8 @@ class LayerProblem:
         xtx_diag: ``(p,)`` diagonal of ``X^T X`` (activation energy per column), or None.
         weight: the original ``(m, p_in)`` weight, or None (baselines fall back to ``H^{-1} G``).
         meta: free-form string metadata (layer name, structure kind), saved with the problem.
+        keep: the budget (number of kept groups) the problem was solved with by the pipeline, or
+            None; saved with the problem as an integer so that ``osscar solve`` / ``certify`` re-use it.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class LayerProblem:
         weight: torch.Tensor | None = None,
         has_bias_column: bool = False,
         meta: Mapping[str, str] | None = None,
+        keep: int | None = None,
         validate: bool = True,
     ) -> None:
         self.H = H
@@ -151,6 +154,7 @@ class LayerProblem:
             torch.nonzero(self.group_of_column == g).flatten() for g in range(self.num_groups)
         ]
         self._group_sizes = [int(cols.numel()) for cols in self._groups]
+        self.keep = keep
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -174,15 +178,110 @@ class LayerProblem:
         :meth:`bias` returns the new bias).
         ``lam = damp * mean(diag(X^T X))``.
         """
-        from osscar_opt.statistics import StatsAccumulator
-
         X = _as_float64("X", X, ndim=2)
         W = _as_float64("W", W, ndim=2)
         if X.shape[1] != W.shape[1]:
             raise ValueError(f"X: has {X.shape[1]} columns but W has {W.shape[1]} (W must be (m, p))")
-        accumulator = StatsAccumulator(X.shape[1], num_outputs=W.shape[0] if Y is not None else None)
-        accumulator.add(X, Y)
-        return accumulator.problem(W, groups, damp=damp, bias=bias, refit_bias=refit_bias, meta=meta)
+        targets = None
+        if Y is not None:
+            Y = _as_float64("Y", Y, ndim=2).to(X.device)
+            if Y.shape != (X.shape[0], W.shape[0]):
+                raise ValueError(f"Y: expected shape ({X.shape[0]}, {W.shape[0]}), got {tuple(Y.shape)}")
+            targets = (X.T @ Y, Y.sum(0), float(Y.square().sum()))
+        return cls.from_moments(
+            X.T @ X, X.sum(0), X.shape[0], W, groups, targets=targets, damp=damp, bias=bias,
+            refit_bias=refit_bias, meta=meta,
+        )
+
+    @classmethod
+    def from_moments(
+        cls,
+        xtx: torch.Tensor,
+        x_sum: torch.Tensor,
+        rows: int,
+        W,
+        groups: GroupsLike,
+        *,
+        targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+        damp: float = 1e-2,
+        bias=None,
+        refit_bias: bool = False,
+        meta: Mapping[str, str] | None = None,
+    ) -> LayerProblem:
+        """Build the problem from float64 moments of the calibration inputs and targets.
+
+        ``xtx`` is ``X^T X`` (p x p), ``x_sum`` the column sums of ``X`` (p,), ``rows`` the number
+        of rows ``n``; ``targets`` is ``(X^T Y (p x m), column sums of Y (m,), ||Y||_F^2)`` or None
+        for ``Y = X W^T``. ``bias`` (m,) is the current bias (included in tracked targets when
+        given). With ``refit_bias`` a constant-1 column (in no group) is appended; its optimal
+        weight is the new bias, anchored by the ridge at ``bias``.
+        """
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0 or damp != damp:
+            raise ValueError(f"damp: expected a positive number, got {damp!r}")
+        W = _as_float64("W", W, ndim=2).to(xtx.device)
+        m, p = W.shape
+        if p != xtx.shape[0]:
+            raise ValueError(f"W: expected {xtx.shape[0]} columns (m, p), got shape {tuple(W.shape)}")
+        if targets is not None and m != targets[0].shape[1]:
+            raise ValueError(f"W: has {m} rows but the targets Y have {targets[0].shape[1]} columns")
+        b = torch.zeros(m, dtype=torch.float64, device=xtx.device)
+        if bias is not None:
+            b = _as_float64("bias", bias, ndim=1).to(xtx.device)
+            if b.shape[0] != m:
+                raise ValueError(f"bias: expected {m} entries, got {b.shape[0]}")
+        labels = group_of_column_from(groups, p)
+
+        xtx_diag = torch.diagonal(xtx).clone()
+        mean_energy = float(xtx_diag.mean())
+        lam = damp * mean_energy if mean_energy > 0 else float(damp)
+        n = float(rows)
+
+        # X^T Y and ||Y||^2 for the part of Y the kept weights reconstruct, and the Y column sums.
+        if targets is None:
+            xty = xtx @ W.T
+            y_sum = W @ x_sum
+            y_square = float((W @ xtx * W).sum())
+        else:
+            xty, y_sum, y_square = targets
+            if bias is not None:
+                # The tracked targets contain the bias: subtract it from every row.
+                xty = xty - torch.outer(x_sum, b)
+                y_square = y_square - 2.0 * float(b @ y_sum) + n * float(b @ b)
+                y_sum = y_sum - n * b
+        if not refit_bias:
+            H = xtx + lam * torch.eye(p, dtype=torch.float64, device=xtx.device)
+            G = xty + lam * W.T
+            c0 = y_square + lam * float(W.square().sum())
+            return cls(
+                H, G, c0, labels.to(xtx.device), lam=lam, xtx_diag=xtx_diag, weight=W, meta=meta
+            )
+        # Augmented column of ones, its weight is the bias: targets are (Y - b) + b = Y_full.
+        H = torch.zeros((p + 1, p + 1), dtype=torch.float64, device=xtx.device)
+        H[:p, :p] = xtx
+        H[:p, p] = x_sum
+        H[p, :p] = x_sum
+        H[p, p] = n
+        H += lam * torch.eye(p + 1, dtype=torch.float64, device=xtx.device)
+        y_full_sum = y_sum + n * b
+        xty_full = xty + torch.outer(x_sum, b)
+        G = torch.cat([xty_full, y_full_sum[None, :]], dim=0)
+        W_aug = torch.cat([W, b[:, None]], dim=1)
+        G = G + lam * W_aug.T
+        y_full_square = y_square + 2.0 * float(b @ y_sum) + n * float(b @ b)
+        c0 = y_full_square + lam * float(W_aug.square().sum())
+        labels_aug = torch.cat([labels, torch.tensor([-1], dtype=torch.int64)])
+        xtx_diag_aug = torch.cat([xtx_diag, torch.tensor([n], dtype=torch.float64, device=xtx.device)])
+        return cls(
+            H,
+            G,
+            c0,
+            labels_aug.to(xtx.device),
+            lam=lam,
+            xtx_diag=xtx_diag_aug,
+            weight=W,
+            has_bias_column=True,
+            meta=meta,
+        )
 
     @classmethod
     def from_statistics(
@@ -397,6 +496,7 @@ class LayerProblem:
             weight=move(self.weight),
             has_bias_column=self.has_bias_column,
             meta=self.meta,
+            keep=self.keep,
             validate=False,
         )
 
@@ -413,6 +513,8 @@ class LayerProblem:
             tensors["xtx_diag"] = self.xtx_diag.detach().to("cpu", torch.float64).contiguous()
         if self.weight is not None:
             tensors["weight"] = self.weight.detach().to("cpu", torch.float64).contiguous()
+        if self.keep is not None:
+            tensors["keep"] = torch.tensor(self._checked_keep(self.keep), dtype=torch.int64)
         metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -471,7 +573,22 @@ class LayerProblem:
             weight=tensors.get("weight"),
             has_bias_column=has_bias_column,
             meta=meta,
+            keep=_saved_keep(path, tensors.get("keep")),
         )
+
+    @property
+    def keep(self) -> int | None:
+        """The saved budget (kept groups), or None."""
+        return self._keep
+
+    @keep.setter
+    def keep(self, value: int | None) -> None:
+        self._keep = None if value is None else self._checked_keep(value)
+
+    def _checked_keep(self, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_groups:
+            raise ValueError(f"keep: expected an integer in [0, {self.num_groups}], got {value!r}")
+        return int(value)
 
     def __repr__(self) -> str:
         sizes = sorted(set(self._group_sizes))
@@ -480,3 +597,13 @@ class LayerProblem:
             f"groups={self.num_groups}, group_sizes={sizes}, lam={self.lam:.3g}, "
             f"bias_column={self.has_bias_column}, meta={self.meta})"
         )
+
+
+def _saved_keep(path: Path, value: torch.Tensor | None) -> int | None:
+    """The integer budget stored in a problem file (a 0-d int64 tensor), or None."""
+    if value is None:
+        return None
+    if value.dtype != torch.int64 or value.dim() != 0:
+        raise ValueError(f"path: {path} has a 'keep' field of dtype {value.dtype} and shape {tuple(value.shape)}, "
+                         "expected a 0-d int64 tensor")
+    return int(value)

@@ -1,19 +1,51 @@
-"""The small interface between the driver and one model family.
+"""The interface between the pipeline and one model family (docs/architecture.md, "Adapters").
 
-A :class:`ModelAdapter` says which modules are the transformer blocks, which prunable structures
-(:class:`~osscar_opt.formulations.structures.Structure`) each block has, how to call a block on
-its own, and how to describe / restore per-block dimensions for save and reload. One adapter file
-per model family; the driver never branches on model names.
+An adapter says what the *stages* of a model are (the pieces run in sequence during calibration:
+transformer blocks, residual blocks, a stem), which prunable
+:class:`~osscar_opt.formulations.structures.Structure` each stage holds, how calibration data
+becomes the first stage's inputs and how a stage is called. The pipeline
+(:mod:`osscar_opt.pipeline`) does everything else, the same way for every family; it never
+branches on model names. One file per family; :mod:`osscar_opt.adapters.registry` lists them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from osscar_opt.formulations.structures import Structure
+
+
+def _no_structures(_module: nn.Module) -> list[Structure]:
+    return []
+
+
+@dataclass
+class Stage:
+    """A piece of the network run in sequence during calibration.
+
+    Attributes:
+        name: the stage's path in the model (``"encoder.layer.0"``, ``"layer1.0"``, ``"stem"``).
+        module: maps the previous stage's output (and the per-batch call arguments) to this stage's output.
+        structures: given ``module`` or a deep copy of it, that module's prunable structures in
+            pruning order (names are qualified in the model); re-derived after every cut.
+    """
+
+    name: str
+    module: nn.Module
+    structures: Callable[[nn.Module], list[Structure]] = _no_structures
+
+
+@dataclass
+class StageCall:
+    """The extra positional and keyword arguments a model passes to its stages for one batch."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def size_setter(module: nn.Module, **per_group: int) -> Callable[[int], None]:
@@ -29,98 +61,71 @@ def size_setter(module: nn.Module, **per_group: int) -> Callable[[int], None]:
     return resize
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless model)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def first_output(output: Any) -> torch.Tensor:
+    """The hidden state of a stage's output (transformers blocks may return tuples)."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    return batch_size
+
+
 class ModelAdapter:
     """Base class of the model-family adapters.
 
-    Subclasses set ``family`` and ``model_types`` (the transformers ``config.model_type`` values
-    they handle, also used in error messages), and implement :meth:`blocks`, :meth:`attention`,
-    :meth:`mlp`.
+    Subclasses set ``family`` and implement :meth:`handles`, :meth:`stages`,
+    :meth:`calibration_batches` and :meth:`stage_inputs`.
     """
 
     family: ClassVar[str] = ""
-    model_types: ClassVar[tuple[str, ...]] = ()
-    causal_lm: ClassVar[bool] = False
+    adds_bias: ClassVar[bool] = False
+    """Whether a bias-free consumer may gain a re-fit bias (``refit_bias``): only where the saved
+    model records it (torchvision shape records do; a transformers config's bias flags do not)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.config = model.config
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
-        """True when ``model`` is a transformers model of one of ``model_types``."""
-        config = getattr(model, "config", None)
-        return getattr(config, "model_type", None) in cls.model_types
-
-    # ---------------------------------------------------------------- structure
-    def blocks(self) -> list[nn.Module]:
-        """The transformer blocks, in forward order."""
+        """True when this adapter understands ``model``."""
         raise NotImplementedError
 
-    def block_name(self, index: int) -> str:
-        """Qualified module name of block ``index``."""
-        block = self.blocks()[index]
-        for name, module in self.model.named_modules():
-            if module is block:
+    @property
+    def architecture(self) -> str:
+        """A short name of the model's architecture for reports (the family by default)."""
+        return self.family
+
+    def stages(self) -> list[Stage]:
+        """The stages in forward order."""
+        raise NotImplementedError
+
+    def calibration_batches(self, calibration: Any, batch_size: int) -> list[torch.Tensor]:
+        """Validate ``calibration`` and split it into batches (on the model's device)."""
+        raise NotImplementedError
+
+    def stage_inputs(self, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[StageCall]]:
+        """The first stage's input and call arguments for every batch."""
+        raise NotImplementedError
+
+    def run_stage(self, stage: Stage, hidden: torch.Tensor, call: StageCall, module: nn.Module | None = None):
+        """Output of ``stage`` (or of ``module``, a copy of it) on one batch."""
+        return first_output((module or stage.module)(hidden, *call.args, **call.kwargs))
+
+    def structures(self) -> list[Structure]:
+        """Every prunable structure of the model, in pruning order."""
+        return [structure for stage in self.stages() for structure in stage.structures(stage.module)]
+
+    def qualified_name(self, module: nn.Module) -> str:
+        """The name of ``module`` inside the model."""
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
                 return name
-        raise ValueError(f"model: block {index} is not a submodule of the model")
-
-    def attention(self, block: nn.Module, prefix: str) -> Structure:
-        """The attention structure (heads, or KV groups for GQA) of ``block``."""
-        raise NotImplementedError
-
-    def mlp(self, block: nn.Module, prefix: str) -> Structure:
-        """The MLP neuron structure of ``block``."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------- dimensions
-    def block_dims(self, block: nn.Module) -> dict[str, int]:
-        """Per-block dimensions: kept attention groups and MLP neurons."""
-        return {
-            "attention_groups": self.attention(block, "").num_groups,
-            "mlp_neurons": self.mlp(block, "").num_groups,
-        }
-
-    def dims(self) -> list[dict[str, int]]:
-        """Dimensions of every block, for the saved metadata."""
-        return [self.block_dims(block) for block in self.blocks()]
-
-    def restore_dims(self, dims: list[dict[str, Any]]) -> None:
-        """Shrink a freshly built dense model to saved per-block ``dims`` (values are reloaded after)."""
-        from osscar_opt.surgery import resize_empty
-
-        blocks = self.blocks()
-        if len(dims) != len(blocks):
-            raise ValueError(f"dims: {len(dims)} blocks saved, model has {len(blocks)}")
-        for block, entry in zip(blocks, dims, strict=True):
-            attention = self.attention(block, "")
-            if int(entry["attention_groups"]) != attention.num_groups:
-                resize_empty(block, attention, int(entry["attention_groups"]))
-            mlp = self.mlp(block, "")
-            if int(entry["mlp_neurons"]) != mlp.num_groups:
-                resize_empty(block, mlp, int(entry["mlp_neurons"]))
-
-
-def _registry() -> list[type[ModelAdapter]]:
-    from osscar_opt.adapters.bert import BertAdapter
-    from osscar_opt.adapters.gpt2 import Gpt2Adapter
-    from osscar_opt.adapters.llama import LlamaAdapter
-    from osscar_opt.adapters.opt import OptAdapter
-
-    return [BertAdapter, OptAdapter, LlamaAdapter, Gpt2Adapter]
-
-
-def supported_model_types() -> list[str]:
-    """Every transformers ``model_type`` some adapter handles."""
-    return sorted({t for cls in _registry() for t in cls.model_types})
-
-
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``; an unsupported architecture raises ValueError listing the supported."""
-    for cls in _registry():
-        if cls.handles(model):
-            return cls(model)
-    config = getattr(model, "config", None)
-    found = getattr(config, "model_type", type(model).__name__)
-    raise ValueError(
-        f"model: unsupported architecture {found!r}; supported: {', '.join(supported_model_types())}"
-    )
+        raise ValueError(f"model: {type(module).__name__} is not a submodule of the model")

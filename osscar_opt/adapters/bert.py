@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter, size_setter
+from osscar_opt.adapters.base import size_setter
+from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.formulations.attention import head_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
 
 
-class BertAdapter(ModelAdapter):
+class BertAdapter(TransformerAdapter):
     family = "bert"
     model_types = ("bert",)
 

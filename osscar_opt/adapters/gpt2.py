@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter, size_setter
+from osscar_opt.adapters.base import size_setter
+from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.formulations.attention import fused_head_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
 
 
-class Gpt2Adapter(ModelAdapter):
+class Gpt2Adapter(TransformerAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
     causal_lm = True

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter, size_setter
+from osscar_opt.adapters.base import size_setter
+from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.formulations.attention import kv_group_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
 
 
-class LlamaAdapter(ModelAdapter):
+class LlamaAdapter(TransformerAdapter):
     family = "llama"
     model_types = ("llama", "qwen2", "mistral")
     causal_lm = True

@@ -15,7 +15,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
 
-from osscar_opt.adapters.channels import ChannelUnit, Stage, is_depthwise
+from osscar_opt.adapters.convnet import ChannelUnit, ConvNetAdapter
+from osscar_opt.formulations.layers import is_depthwise
 
 ARCHITECTURES: tuple[str, ...] = ("mobilenet_v2",)
 
@@ -41,24 +42,29 @@ def block_units(block: InvertedResidual) -> tuple[ChannelUnit, ...]:
         raise ValueError("model: unexpected InvertedResidual layout (expected expand, depthwise, projection)")
     if expand[0].groups != 1 or not is_depthwise(depthwise[0]) or projection.groups != 1:
         raise ValueError("model: unexpected InvertedResidual convs (expand and projection dense, middle depthwise)")
-    return (ChannelUnit("conv.2", ("conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1")),)
+    return (("conv.2", ("conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1")),)
 
 
-def architecture(model: nn.Module) -> str | None:
-    """``"mobilenet_v2"`` for a torchvision MobileNetV2 (any width), else None."""
-    if not isinstance(model, MobileNetV2):
-        return None
-    if not any(isinstance(module, InvertedResidual) for module in model.features):
-        return None
-    return "mobilenet_v2"
+class MobileNetV2Adapter(ConvNetAdapter):
+    family = "mobilenet"
+    architectures = ARCHITECTURES
 
+    @classmethod
+    def architecture_of(cls, model: nn.Module) -> str | None:
+        """``"mobilenet_v2"`` for a torchvision MobileNetV2 (any width), else None."""
+        if not isinstance(model, MobileNetV2):
+            return None
+        if not any(isinstance(module, InvertedResidual) for module in model.features):
+            return None
+        return "mobilenet_v2"
 
-def stages(model: MobileNetV2) -> list[Stage]:
-    """Calibration stages: ``features[i]`` up to the last inverted residual."""
-    last = max(i for i, module in enumerate(model.features) if isinstance(module, InvertedResidual))
-    result = []
-    for index in range(last + 1):
-        module = model.features[index]
-        units = block_units(module) if isinstance(module, InvertedResidual) else ()
-        result.append(Stage(f"features.{index}", module, units))
-    return result
+    def stage_units(self) -> list[tuple[str, nn.Module, tuple[ChannelUnit, ...]]]:
+        """``features[i]`` up to the last inverted residual."""
+        features = self.model.features
+        last = max(i for i, module in enumerate(features) if isinstance(module, InvertedResidual))
+        result = []
+        for index in range(last + 1):
+            module = features[index]
+            units = block_units(module) if isinstance(module, InvertedResidual) else ()
+            result.append((f"features.{index}", module, units))
+        return result

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter, size_setter
+from osscar_opt.adapters.base import size_setter
+from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.formulations.attention import head_structure
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
 
 
-class OptAdapter(ModelAdapter):
+class OptAdapter(TransformerAdapter):
     family = "opt"
     model_types = ("opt",)
     causal_lm = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from osscar_opt.adapters.channels import ChannelUnit, Stage, stage_forward
+from osscar_opt.adapters.convnet import ChannelUnit, ConvNetAdapter
 
 LAYOUTS: dict[tuple[type, tuple[int, ...]], str] = {
     (BasicBlock, (2, 2, 2, 2)): "resnet18",
@@ -32,36 +32,41 @@ def _layout(model: ResNet) -> tuple[type | None, tuple[int, ...]]:
     return kind, tuple(len(getattr(model, name)) for name in STAGES)
 
 
-def architecture(model: nn.Module) -> str | None:
-    """The torchvision name (``"resnet18"`` ...) of ``model``, or None when it is not one of them.
-
-    Grouped bottlenecks (ResNeXt) are not supported: their ``conv2`` is not a dense consumer.
-    """
-    if not isinstance(model, ResNet):
-        return None
-    kind, layers = _layout(model)
-    name = LAYOUTS.get((kind, layers))
-    if name is None:
-        return None
-    if kind is Bottleneck and any(block.conv2.groups != 1 for stage in STAGES for block in getattr(model, stage)):
-        return None
-    return name
-
-
 def block_units(block: nn.Module) -> tuple[ChannelUnit, ...]:
     """The channel units of one residual block, in pruning order."""
     if isinstance(block, Bottleneck):
-        return (ChannelUnit("conv2", ("conv1", "bn1")), ChannelUnit("conv3", ("conv2", "bn2")))
+        return (("conv2", ("conv1", "bn1")), ("conv3", ("conv2", "bn2")))
     if isinstance(block, BasicBlock):
-        return (ChannelUnit("conv2", ("conv1", "bn1")),)
+        return (("conv2", ("conv1", "bn1")),)
     raise ValueError(f"model: unexpected ResNet block {type(block).__name__}")
 
 
-def stages(model: ResNet) -> list[Stage]:
-    """Calibration stages: the stem, then every residual block (the pooling head is not needed)."""
-    stem = stage_forward([model.conv1, model.bn1, model.relu, model.maxpool])
-    result = [Stage("stem", stem)]
-    for stage_name in STAGES:
-        for index, block in enumerate(getattr(model, stage_name)):
-            result.append(Stage(f"{stage_name}.{index}", block, block_units(block)))
-    return result
+class ResNetAdapter(ConvNetAdapter):
+    family = "resnet"
+    architectures = ARCHITECTURES
+
+    @classmethod
+    def architecture_of(cls, model: nn.Module) -> str | None:
+        """The torchvision name (``"resnet18"`` ...) of ``model``, or None when it is not one of them.
+
+        Grouped bottlenecks (ResNeXt) are not supported: their ``conv2`` is not a dense consumer.
+        """
+        if not isinstance(model, ResNet):
+            return None
+        kind, layers = _layout(model)
+        name = LAYOUTS.get((kind, layers))
+        if name is None:
+            return None
+        if kind is Bottleneck and any(block.conv2.groups != 1 for stage in STAGES for block in getattr(model, stage)):
+            return None
+        return name
+
+    def stage_units(self) -> list[tuple[str, nn.Module, tuple[ChannelUnit, ...]]]:
+        """The stem, then every residual block (the pooling head is not needed)."""
+        model = self.model
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)  # shares the modules
+        result = [("stem", stem, ())]
+        for stage_name in STAGES:
+            for index, block in enumerate(getattr(model, stage_name)):
+                result.append((f"{stage_name}.{index}", block, block_units(block)))
+        return result

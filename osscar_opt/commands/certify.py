@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from osscar_opt.commands.options import parse_backend_options
+from osscar_opt.commands.options import parse_backend_options, problem_files, saved_budgets
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "certified lower bound.",
     )
     parser.add_argument("files", nargs="+", help="LayerProblem files (*.safetensors) or folders of them")
-    parser.add_argument("--keep", type=int, nargs="+", default=None,
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, nargs="+", default=None,
                         help="groups kept (one or more; default: the budget saved with each problem)")
+    budget.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of groups removed in every problem (the pipeline's budget rule)")
     parser.add_argument("--heuristic", default="local-search", help="heuristic backend (default local-search)")
     parser.add_argument("--backend", action="append", default=None, metavar="NAME[:FORMULATION]",
                         help="exact backend, repeatable (default: gurobi and cvxpy, outer-approximation); "
@@ -41,22 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _files(items: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(path.glob("*.safetensors"))
-            if not found:
-                raise ValueError(f"files: folder {item} holds no *.safetensors problem files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"files: no such file or folder: {item}")
-    return files
-
-
 def _backends(items: list[str] | None) -> list[tuple[str, str]]:
     if items is None:
         return [("gurobi", "outer-approximation"), ("cvxpy", "outer-approximation")]
@@ -69,16 +56,9 @@ def _backends(items: list[str] | None) -> list[tuple[str, str]]:
     return result
 
 
-def _budgets(problem, keeps: list[int] | None) -> list[int]:
-    if keeps:
-        return keeps
-    if "keep" in problem.meta:
-        return [int(problem.meta["keep"])]
-    raise ValueError(f"keep: problem {problem.meta.get('name', '?')} has no saved budget; pass --keep")
-
-
 def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exact: list[tuple[str, str]],
-                 options: dict[str, Any], shift: str, iterations: int) -> list[dict[str, Any]]:
+                 options: dict[str, Any], shift: str, iterations: int,
+                 sparsity: float | None = None) -> list[dict[str, Any]]:
     """One row per (file, keep): the heuristic, the certified bound, and each exact backend's result."""
     from osscar_opt.certify import certify
     from osscar_opt.problem import LayerProblem
@@ -87,7 +67,7 @@ def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exa
     rows = []
     for path in files:
         problem = LayerProblem.load(path)
-        for keep in _budgets(problem, keeps):
+        for keep in saved_budgets(problem, keeps, sparsity):
             found = solve(problem, keep, heuristic)
             certificate = certify(problem, found, shift=shift, iterations=iterations)
             row: dict[str, Any] = {
@@ -154,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"time_limit: expected a positive number, got {args.time_limit}")
     options = {"time_limit": args.time_limit}
     options.update(parse_backend_options(args.backend_option))
-    rows = certify_rows(_files(args.files), args.keep, args.heuristic, _backends(args.backend), options,
-                        args.shift, args.iterations)
+    rows = certify_rows(problem_files(args.files), args.keep, args.heuristic, _backends(args.backend), options,
+                        args.shift, args.iterations, args.sparsity)
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")

@@ -25,11 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from osscar_opt import data, evaluate, models
+    from osscar_opt import evaluate, models
+    from osscar_opt.data import text
 
     seq_len = positive_int(args.seq_len, "seq_len")
     loaded = models.load_model(args.model, args.device, args.dtype)
-    texts = data.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
+    texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
     eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
     reference = None
     if args.reference is not None:

@@ -1,10 +1,11 @@
-"""Argument helpers shared by the transformer commands."""
+"""Argument helpers shared by the commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -47,3 +48,36 @@ def positive_int(value: Any, name: str) -> int:
     if number < 1 or isinstance(value, bool):
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return number
+
+
+def saved_budgets(problem: Any, keeps: Sequence[int] | None, sparsity: float | None) -> list[int]:
+    """Budgets to solve a saved problem at: ``--keep`` values, ``--sparsity`` (by the pipeline's
+    rule, :func:`osscar_opt.budget.keep_count`), or the budget saved with the problem."""
+    from osscar_opt.budget import keep_count
+
+    if keeps:
+        return list(keeps)
+    if sparsity is not None:
+        return [keep_count(problem.num_groups, sparsity)]
+    if problem.keep is None:
+        raise ValueError(
+            f"keep: problem {problem.meta.get('name', '?')} has no saved budget; pass --keep or --sparsity"
+        )
+    return [problem.keep]
+
+
+def problem_files(items: Sequence[str]) -> list[Path]:
+    """Problem files named by ``items``: files, or folders whose ``*.safetensors`` files are taken (sorted)."""
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise ValueError(f"files: folder {item} holds no *.safetensors problem files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"files: no such file or folder: {item}")
+    return files

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from osscar_opt.budget import check_sparsity
 from osscar_opt.commands.options import (
     add_backend_arguments,
     add_runtime_arguments,
@@ -17,6 +18,7 @@ from osscar_opt.commands.options import (
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8
+DEFAULT_IMAGE_BATCH_SIZE = 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,54 +61,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _vision_architectures() -> tuple[str, ...]:
-    try:
-        from osscar_opt import vision
-    except ModuleNotFoundError as exc:
-        if exc.name == "osscar_opt.vision":
-            return ()
-        raise
-    return tuple(vision.SUPPORTED)
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    from osscar_opt.driver import check_sparsity
-
-    check_sparsity(args.heads_sparsity, "heads_sparsity")
-    check_sparsity(args.neurons_sparsity, "neurons_sparsity")
-    for name in ("samples", "seq_len", "batch_size"):
-        if getattr(args, name) is not None:
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks that hold for every family, made before any model is loaded."""
+    for name in ("samples", "seq_len", "batch_size", "image_size", "epochs"):
+        if getattr(args, name, None) is not None:
             positive_int(getattr(args, name), name)
     from osscar_opt import backends
 
     backends.get(args.backend)  # an unknown backend fails before any model is loaded
+
+
+def _transformer_budgets(args: argparse.Namespace) -> dict[str, float]:
     if args.channels_sparsity is not None or args.weights is not None:
-        raise ValueError("channels_sparsity: --channels-sparsity and --weights apply to torchvision models only")
+        from osscar_opt.adapters.registry import vision_architectures
+
+        raise ValueError(
+            f"model: --channels-sparsity and --weights apply to torchvision models only "
+            f"({', '.join(vision_architectures())}), got {args.model!r}"
+        )
+    heads = check_sparsity(args.heads_sparsity, "heads_sparsity")
+    neurons = check_sparsity(args.neurons_sparsity, "neurons_sparsity")
+    return {"heads": heads, "kv_groups": heads, "neurons": neurons}
+
+
+def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+    """Keyword arguments of :func:`osscar_opt.pipeline.prune` from the shared flags."""
+    return {
+        "backend": args.backend, "backend_options": parse_backend_options(args.backend_option),
+        "refit_bias": args.refit_bias, "damp": args.damp, "batch_size": batch_size,
+        "save_problems": args.save_problems, "progress": not args.quiet,
+    }
 
 
 def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     """Load, evaluate, prune, evaluate again, save; returns the report document."""
-    from osscar_opt import data, evaluate, models
-    from osscar_opt.driver import prune
+    from osscar_opt import evaluate, models
+    from osscar_opt.data import text
+    from osscar_opt.pipeline import prune
 
-    _check_arguments(args)
+    budgets = _transformer_budgets(args)
+    _check_common(args)
     loaded = models.load_model(args.model, args.device, args.dtype)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
-    calibration = data.calibration_ids(
-        loaded.tokenizer, data.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"),
+    calibration = text.calibration_ids(
+        loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"),
         args.samples or DEFAULT_SAMPLES, seq_len,
     )
     eval_data = None
     if not args.no_eval:
-        texts = data.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
+        texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
         eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
         before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
-    report = prune(
-        loaded.model, calibration, heads_sparsity=args.heads_sparsity, neurons_sparsity=args.neurons_sparsity,
-        backend=args.backend, backend_options=parse_backend_options(args.backend_option),
-        refit_bias=args.refit_bias, damp=args.damp, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-        save_problems=args.save_problems, progress=not args.quiet,
-    )
+    report = prune(loaded.model, calibration, budgets, **_prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE))
     document: dict[str, Any] = {"model": loaded.name, "note": loaded.note, **report.to_dict()}
     if eval_data is not None:
         after = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, reference=before)
@@ -123,12 +129,87 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     return document
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.model is not None and args.model in _vision_architectures():
-        from osscar_opt import vision
+def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model <torchvision name>``: load or train on digits, prune a copy, compare, save.
 
-        return int(vision.run_prune(args) or 0)
-    document = prune_transformer(args)
+    Without ``--weights`` the model is first trained on the digits data set (a few CPU minutes at
+    most); with ``--weights PATH`` it is loaded from the checkpoint. Calibration images come from
+    ``--calibration-images PATH`` when given, else from the digits training split. The digits test
+    accuracy before and after pruning is reported when the model has 10 classes.
+    """
+    import torch
+
+    from osscar_opt.adapters.registry import adapter_for
+    from osscar_opt.data import digits
+    from osscar_opt.io import torchvision as torchvision_io
+    from osscar_opt.pipeline import prune_vision
+
+    if args.channels_sparsity is None:
+        raise ValueError("channels_sparsity: required for torchvision models (--channels-sparsity, in [0, 1))")
+    budgets = {"channels": check_sparsity(args.channels_sparsity, "channels_sparsity")}
+    _check_common(args)
+    device = torch.device(args.device or "cpu")
+    recipe = digits.TRAINING_DEFAULTS.get(args.model, digits.DEFAULT_TRAINING)
+    image_size = args.image_size or (224 if args.weights else recipe["image_size"])
+    document: dict[str, Any] = {"model": args.model}
+    if args.weights:
+        state = torchvision_io.load_state_dict(args.weights)
+        model = torchvision_io.model_from_weights(args.model, state).to(device)
+    else:
+        epochs = args.epochs or 6
+        print(f"no --weights: training {args.model} on the digits data set for {epochs} epochs ...")
+        model, _, _, trained = digits.digits_model(args.model, image_size=image_size, epochs=epochs, device=device)
+        document["train_seconds"] = trained["train_seconds"]
+    train_split, test_split = digits.digits(image_size=image_size)
+    images = torchvision_io.load_images(args.calibration_images) if args.calibration_images else train_split.images
+    pruned, report = prune_vision(
+        model, images[: args.samples or DEFAULT_SAMPLES], budgets,
+        **_prune_options(args, args.batch_size or DEFAULT_IMAGE_BATCH_SIZE),
+    )
+    document.update(report.to_dict())
+    document["channels_before"] = sum(adapter_for(model).internal_channels().values())
+    document["channels_after"] = sum(adapter_for(pruned).internal_channels().values())
+    document["parameters_dense"] = sum(p.numel() for p in model.parameters())
+    document["parameters_pruned"] = sum(p.numel() for p in pruned.parameters())
+    if model.get_submodule(_classifier(model)).out_features == digits.NUM_CLASSES:
+        document["digits_accuracy_dense"] = digits.accuracy(model, test_split)
+        document["digits_accuracy_pruned"] = digits.accuracy(pruned, test_split)
+    _print_vision_summary(document, args.backend, report.seconds)
+    if args.output:
+        from osscar_opt.io import save_pruned
+
+        save_pruned(pruned, args.output)
+        print(f"saved the pruned model to {args.output}")
+    return document
+
+
+def _classifier(model) -> str:
+    import torch
+
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)][-1]
+
+
+def _print_vision_summary(document: dict[str, Any], backend: str, seconds: float) -> None:
+    line = (
+        f"{document['model']}: {document['channels_before']} -> {document['channels_after']} internal channels, "
+        f"{document['parameters_dense']} -> {document['parameters_pruned']} parameters, "
+        f"backend {backend}, {seconds:.1f}s"
+    )
+    if "digits_accuracy_pruned" in document:
+        line += (
+            f"; digits test accuracy {100 * document['digits_accuracy_dense']:.1f}% -> "
+            f"{100 * document['digits_accuracy_pruned']:.1f}%"
+        )
+    print(line)
+
+
+def run(args: argparse.Namespace) -> int:
+    from osscar_opt.adapters.registry import vision_architectures
+
+    if args.model is not None and args.model in vision_architectures():
+        document = prune_torchvision(args)
+    else:
+        document = prune_transformer(args)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(document, indent=1))

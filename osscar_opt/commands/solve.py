@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from osscar_opt.commands.options import add_backend_arguments, parse_backend_options
+from osscar_opt.commands.options import add_backend_arguments, parse_backend_options, problem_files, saved_budgets
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,33 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def problem_files(directory: str) -> list[Path]:
-    """Saved problem files in ``directory`` (sorted), or the single file given."""
-    path = Path(directory)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ValueError(f"directory: no such folder or file: {directory}")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"directory: {directory} holds no *.safetensors problem files")
-    return files
-
-
-def budget_for(problem, sparsity: float | None, keep: int | None) -> int:
-    """The number of groups to keep: --keep, --sparsity, or the budget saved with the problem."""
-    if keep is not None:
-        return keep
-    if sparsity is not None:
-        from osscar_opt.driver import check_sparsity
-
-        return max(1, int(round((1.0 - check_sparsity(sparsity, "sparsity")) * problem.num_groups)))
-    if "keep" not in problem.meta:
-        name = problem.meta.get("name", "?")
-        raise ValueError(f"keep: problem {name} has no saved budget; pass --keep or --sparsity")
-    return int(problem.meta["keep"])
-
-
 def solve_all(files: list[Path], backend: str, options: dict[str, Any], sparsity: float | None,
               keep: int | None) -> list[dict[str, Any]]:
     """One row per problem: name, kind, groups, keep, loss, relative loss, status, seconds."""
@@ -61,7 +34,8 @@ def solve_all(files: list[Path], backend: str, options: dict[str, Any], sparsity
     rows = []
     for path in files:
         problem = LayerProblem.load(path)
-        solution = solve(problem, budget_for(problem, sparsity, keep), backend, **options)
+        budget = saved_budgets(problem, None if keep is None else [keep], sparsity)[0]
+        solution = solve(problem, budget, backend, **options)
         rows.append({
             "file": path.name, "name": problem.meta.get("name", path.stem), "kind": problem.meta.get("kind", ""),
             "groups": problem.num_groups, "keep": solution.keep, "loss": solution.loss,
@@ -87,7 +61,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = solve_all(problem_files(args.directory), args.backend, parse_backend_options(args.backend_option),
+    rows = solve_all(problem_files([args.directory]), args.backend, parse_backend_options(args.backend_option),
                      args.sparsity, args.keep)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from osscar_opt.formulations.structures import Producer, Structure, check_linear, contiguous_groups, linear_shape
+from osscar_opt.formulations.layers import check_linear, matrix_shape
+from osscar_opt.formulations.structures import Producer, Structure, contiguous_groups
 
 
 def fused_head_structure(
@@ -28,16 +29,16 @@ def fused_head_structure(
     output = check_linear(output, f"{name} (attention output)")
     fused = check_linear(query_key_value, f"{name} fused query/key/value projection")
     groups = _head_groups(name, output, head_dim)
-    width = linear_shape(output)[1]
-    if linear_shape(fused)[0] != 3 * width:
-        raise ValueError(f"model: {name} fused projection has {linear_shape(fused)[0]} outputs, expected 3 x {width}")
+    width = matrix_shape(output)[1]
+    if matrix_shape(fused)[0] != 3 * width:
+        raise ValueError(f"model: {name} fused projection has {matrix_shape(fused)[0]} outputs, expected 3 x {width}")
     rows = [[segment * width + i for segment in range(3) for i in columns] for columns in groups]
     return Structure(name, "heads", output, groups, [Producer(fused, rows, segments=3)], on_resize)
 
 
 def _head_groups(name: str, output: nn.Module, head_dim: int) -> list[list[int]]:
     """``head_dim``-wide column groups of the output projection."""
-    width = linear_shape(output)[1]
+    width = matrix_shape(output)[1]
     if head_dim <= 0 or width % head_dim:
         raise ValueError(f"model: {name} has {width} inputs, not a multiple of head_dim={head_dim}")
     return contiguous_groups(width // head_dim, head_dim)
@@ -58,7 +59,7 @@ def kv_group_structure(
     """
     output = check_linear(output, f"{name} (attention output)")
     key = check_linear(key, f"{name} key projection")
-    width, kv_width = linear_shape(output)[1], linear_shape(key)[0]
+    width, kv_width = matrix_shape(output)[1], matrix_shape(key)[0]
     if head_dim <= 0 or width % head_dim or kv_width % head_dim:
         raise ValueError(f"model: {name} projections are not multiples of head_dim={head_dim}")
     num_heads = width // head_dim
@@ -73,7 +74,7 @@ def kv_group_structure(
         Producer(key, kv_rows),
         Producer(check_linear(value, f"{name} value projection"), kv_rows),
     ]
-    kind = "heads" if num_kv == num_heads else "kv-groups"
+    kind = "heads" if num_kv == num_heads else "kv_groups"
     return Structure(name, kind, output, query_groups, producers, on_resize)
 
 

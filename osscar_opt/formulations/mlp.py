@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from osscar_opt.formulations.structures import Producer, Structure, check_linear, linear_shape
+from osscar_opt.formulations.layers import check_linear, matrix_shape
+from osscar_opt.formulations.structures import Producer, Structure
 
 
 def neuron_structure(
@@ -21,12 +22,12 @@ def neuron_structure(
 ) -> Structure:
     """MLP neurons as single-column groups of ``down`` (``intermediate_size`` inputs)."""
     down = check_linear(down, f"{name} (MLP down projection)")
-    width = linear_shape(down)[1]
+    width = matrix_shape(down)[1]
     groups = [[i] for i in range(width)]
     linears = [check_linear(m, f"{name} producer") for m in producers]
     for module in linears:
-        if linear_shape(module)[0] != width:
+        if matrix_shape(module)[0] != width:
             raise ValueError(
-                f"model: {name} producer has {linear_shape(module)[0]} outputs, down projection {width} inputs"
+                f"model: {name} producer has {matrix_shape(module)[0]} outputs, down projection {width} inputs"
             )
     return Structure(name, "neurons", down, groups, [Producer(m, groups) for m in linears], on_resize)

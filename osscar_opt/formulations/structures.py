@@ -1,61 +1,40 @@
-"""Prunable structures of a transformer block: which columns and rows one group owns.
+"""Prunable structures: which consumer columns and which producer rows one group owns.
 
-A :class:`Structure` ties one *consumer* linear layer (whose input columns are grouped; the
-layer problem is built for it) to the *producer* layers whose output rows feed those columns.
-Removing group ``g`` removes ``consumer_columns[g]`` from the consumer and ``rows[g]`` from every
-producer. Formulations build structures from sizes read off the modules; adapters say which
-modules play which role and how to update the module attributes after surgery.
+A :class:`Structure` ties one *consumer* layer (whose input columns are grouped; the layer
+problem is built for it) to the *producers* whose outputs feed those columns. Removing group ``g``
+removes ``groups[g]`` (consumer input columns) from the consumer and ``rows[g]`` (output rows,
+channels or entries) from every producer. One type serves every family:
 
-Linear layers are ``nn.Linear`` (weight ``(out, in)``) or transformers' ``Conv1D`` (GPT-2;
-weight ``(in, out)``); :func:`linear_weight` and :func:`linear_shape` read both as ``(out, in)``.
+* attention heads / GQA key-value groups: consumer the output projection, producers q, k, v;
+* MLP neurons: consumer the down projection, producers the up (and gate) projections;
+* conv channels: consumer a dense ``Conv2d`` (one group = one input channel's ``kh*kw`` columns),
+  producers the previous convs (dense or depthwise) and BatchNorms.
+
+Everything between the producers and the consumer must act per group (activations, BatchNorm,
+depthwise conv, attention within a head), so that dropping a group everywhere is exact once the
+consumer no longer reads it. Builders live in ``attention.py``, ``mlp.py`` and ``conv.py``;
+:mod:`~osscar_opt.formulations.layers` reads the layers as matrices and
+:mod:`~osscar_opt.formulations.surgery` cuts them.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-
-@functools.cache
-def _conv1d_type() -> type | None:
-    """transformers' ``Conv1D`` class (GPT-2 family), or None when transformers is absent."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' transposed linear layer ``Conv1D`` (weight ``(in, out)``)."""
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of an ``nn.Linear`` or ``Conv1D``."""
-    if is_conv1d(module):
-        return int(module.nf), int(module.nx)
-    return int(module.out_features), int(module.in_features)
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``(out, in)`` (a transposed view for ``Conv1D``), detached."""
-    weight = module.weight.detach()
-    return weight.t() if is_conv1d(module) else weight
+from osscar_opt.formulations.layers import input_rows, matrix_shape, output_rows, weight_matrix
 
 
 @dataclass
 class Producer:
-    """A linear layer whose output rows feed the consumer's input columns.
+    """A layer whose outputs feed the consumer's grouped input columns.
 
     Attributes:
-        module: the ``nn.Linear`` or ``Conv1D``.
-        rows: ``rows[g]`` lists the output rows of this layer that belong to group ``g``.
+        module: ``nn.Linear``, ``Conv1D``, ``nn.Conv2d`` (dense or depthwise) or ``nn.BatchNorm2d``.
+        rows: ``rows[g]`` lists the output rows (channels, BatchNorm entries) of group ``g``.
         segments: for a fused projection (GPT-2's ``c_attn`` = query | key | value), the number
             of equal segments of ``rows[g]``; the kept rows are laid out segment by segment
             (all kept query rows, then all kept key rows, ...), as the module splits them.
@@ -79,12 +58,12 @@ class Producer:
 
 @dataclass
 class Structure:
-    """One prunable structure (attention heads, KV groups or MLP neurons) of one block.
+    """One prunable structure of one stage.
 
     Attributes:
         name: the consumer's qualified name inside the model, e.g. ``"encoder.layer.0.output.dense"``.
-        kind: ``"heads"``, ``"kv-groups"`` or ``"neurons"``.
-        consumer: the ``nn.Linear`` (or ``Conv1D``) whose input columns are grouped.
+        kind: ``"heads"``, ``"kv_groups"``, ``"neurons"`` or ``"channels"`` (see ``osscar_opt.budget.KINDS``).
+        consumer: the layer whose input columns are grouped (Linear, Conv1D or dense Conv2d).
         groups: ``groups[g]`` lists the consumer input columns of group ``g``.
         producers: the layers that lose rows with the groups.
         on_resize: called with the number of kept groups after surgery, to update module
@@ -104,33 +83,30 @@ class Structure:
 
     @property
     def in_features(self) -> int:
-        """Consumer inputs ``p`` (the columns that are grouped)."""
-        return linear_shape(self.consumer)[1]
+        """Consumer input columns ``p`` (the columns that are grouped)."""
+        return matrix_shape(self.consumer)[1]
 
     @property
     def out_features(self) -> int:
         """Consumer outputs ``m``."""
-        return linear_shape(self.consumer)[0]
+        return matrix_shape(self.consumer)[0]
 
     def weight(self) -> torch.Tensor:
-        """The consumer weight as ``(m, p)`` = ``(out, in)``, detached."""
-        return linear_weight(self.consumer)
+        """The consumer weight as ``(m, p)``, detached."""
+        return weight_matrix(self.consumer)
 
-    def keep_count(self, sparsity: float) -> int:
-        """Number of groups kept at ``sparsity`` (fraction removed), at least one."""
-        return max(1, int(round((1.0 - float(sparsity)) * self.num_groups)))
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The consumer's input activation as problem rows ``(n, p)``."""
+        return input_rows(self.consumer, x)
+
+    def output_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """The consumer's output activation as target rows ``(n, m)``."""
+        return output_rows(self.consumer, y)
 
 
 def contiguous_groups(count: int, size: int, offset: int = 0) -> list[list[int]]:
     """``count`` groups of ``size`` consecutive indices starting at ``offset``."""
     return [list(range(offset + g * size, offset + (g + 1) * size)) for g in range(count)]
-
-
-def check_linear(module: nn.Module, name: str) -> nn.Module:
-    """Return ``module`` if it is an ``nn.Linear`` or ``Conv1D``; otherwise a ValueError naming it."""
-    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-        raise ValueError(f"model: expected {name} to be nn.Linear or Conv1D, got {type(module).__name__}")
-    return module
 
 
 def rows_for(groups: Sequence[Sequence[int]], kept: Sequence[int]) -> torch.Tensor:

@@ -17,18 +17,21 @@ import torch
 import torchvision
 from torch import nn
 
-WEIGHTS_FILE = "model.safetensors"
+from osscar_opt.adapters.convnet import ConvNetAdapter
+from osscar_opt.adapters.registry import adapter_for, vision_architectures
+
+
+def _adapter(model: nn.Module) -> ConvNetAdapter | None:
+    try:
+        adapter = adapter_for(model)
+    except ValueError:
+        return None
+    return adapter if isinstance(adapter, ConvNetAdapter) else None
 
 
 def handles(model: nn.Module) -> bool:
     """True for a model the vision adapters support (torchvision ResNet 18/34/50/101, MobileNetV2)."""
-    from osscar_opt.vision import identify
-
-    try:
-        identify(model)
-    except ValueError:
-        return False
-    return True
+    return _adapter(model) is not None
 
 
 def module_shape(module: nn.Module) -> dict[str, Any] | None:
@@ -60,15 +63,15 @@ def shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(meta, state_dict)`` of a supported model; tensors are detached, contiguous CPU copies."""
-    from osscar_opt.vision import identify, internal_channels
-
-    architecture, _ = identify(model)
+    adapter = _adapter(model)
+    if adapter is None:
+        raise ValueError(f"model: {type(model).__name__} is not a supported torchvision architecture")
     layer_shapes = shapes(model)
     classifier = [shape for shape in layer_shapes.values() if shape["type"] == "linear"][-1]
     meta = {
-        "architecture": architecture,
+        "architecture": adapter.architecture,
         "num_classes": classifier["out_features"],
-        "internal_channels": internal_channels(model),
+        "internal_channels": adapter.internal_channels(),
         "modules": layer_shapes,
         "torchvision_version": torchvision.__version__,
     }
@@ -126,11 +129,9 @@ def refresh_residual_flags(model: nn.Module) -> None:
 
 def build(meta: Mapping[str, Any]) -> nn.Module:
     """The stock architecture of ``meta`` resized to its recorded module shapes (weights not loaded)."""
-    from osscar_opt.vision import SUPPORTED
-
     architecture = meta.get("architecture")
-    if architecture not in SUPPORTED:
-        raise ValueError(f"meta: architecture {architecture!r} is not one of {', '.join(SUPPORTED)}")
+    if architecture not in vision_architectures():
+        raise ValueError(f"meta: architecture {architecture!r} is not one of {', '.join(vision_architectures())}")
     modules = meta.get("modules")
     if not isinstance(modules, Mapping):
         raise ValueError("meta: missing the 'modules' shape records")
@@ -138,25 +139,17 @@ def build(meta: Mapping[str, Any]) -> nn.Module:
     return resize(model, modules)
 
 
-def rebuild(meta: Mapping[str, Any], directory: str | Path) -> nn.Module:
-    """Rebuild a model saved by ``osscar_opt.save_pruned`` from its ``meta`` and the weights in
-    ``directory`` (read with ``osscar_opt.io.read_state_dict``), in eval mode."""
-    from osscar_opt.io import read_state_dict
+def write_files(model: nn.Module, directory: Path) -> None:
+    """Nothing beyond the weights and the shape records."""
 
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ValueError(f"directory: no {WEIGHTS_FILE} in {directory}")
+
+def rebuild(meta: Mapping[str, Any], state: dict[str, torch.Tensor], directory: str | Path) -> nn.Module:
+    """Rebuild a model saved by ``osscar_opt.save_pruned`` from its ``meta`` and weights, in eval mode."""
     model = build(meta)
-    try:
-        state = read_state_dict(directory)
-    except ValueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise ValueError(f"directory: {path} is not a readable safetensors file ({exc})") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"directory: weights in {path} do not match the recorded shapes ({exc})") from exc
+        raise ValueError(f"directory: weights in {directory} do not match the recorded shapes ({exc})") from exc
     return model.eval()
 
 
@@ -188,3 +181,53 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modu
     except RuntimeError as exc:
         raise ValueError(f"weights: do not fit the {type(model).__name__} architecture ({exc})") from exc
     return model
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``, no pickle
+    code execution); a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights: no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"weights: cannot read {path} as safetensors or a torch state dict ({exc})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights: {path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def model_from_weights(architecture: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A stock ``architecture`` sized to the checkpoint (classes, widths, pruned channels) and loaded."""
+    classifier = [key for key, value in state.items() if key.endswith(".weight") and value.dim() == 2]
+    if not classifier:
+        raise ValueError("weights: no classifier (2-D weight) in the checkpoint")
+    num_classes = int(state[classifier[-1]].shape[0])
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    return load_weights(model, state).eval()
+
+
+def load_images(path: str | Path) -> torch.Tensor:
+    """Calibration images ``(N, 3, H, W)`` from a safetensors file (key ``images``) or a torch tensor
+    file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"calibration_images: no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        images = load_file(str(path)).get("images")
+    else:
+        images = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"calibration_images: {path} must hold a (N, C, H, W) tensor (key 'images')")
+    return images.float()

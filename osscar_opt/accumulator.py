@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from osscar_opt.problem import GroupsLike, LayerProblem, _as_float64, group_of_column_from
+from osscar_opt.problem import GroupsLike, LayerProblem
 
 
 class StatsAccumulator:
@@ -89,73 +89,8 @@ class StatsAccumulator:
         """
         if self.rows == 0:
             raise ValueError("X: no calibration rows were accumulated")
-        if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0 or damp != damp:
-            raise ValueError(f"damp: expected a positive number, got {damp!r}")
-        W = _as_float64("W", W, ndim=2).to(self.device)
-        m, p = W.shape
-        if p != self.num_inputs:
-            raise ValueError(f"W: expected {self.num_inputs} columns (m, p), got shape {tuple(W.shape)}")
-        if self.num_outputs is not None and m != self.num_outputs:
-            raise ValueError(f"W: has {m} rows but the targets Y have {self.num_outputs} columns")
-        b = torch.zeros(m, dtype=torch.float64, device=self.device)
-        if bias is not None:
-            b = _as_float64("bias", bias, ndim=1).to(self.device)
-            if b.shape[0] != m:
-                raise ValueError(f"bias: expected {m} entries, got {b.shape[0]}")
-        labels = group_of_column_from(groups, p)
-
-        xtx_diag = torch.diagonal(self.xtx).clone()
-        mean_energy = float(xtx_diag.mean())
-        lam = damp * mean_energy if mean_energy > 0 else float(damp)
-        n = float(self.rows)
-
-        # X^T Y and ||Y||^2 for the part of Y the kept weights reconstruct, and the Y column sums.
-        if self.num_outputs is None:
-            xty = self.xtx @ W.T
-            y_sum = W @ self.x_sum
-            y_square = float((W @ self.xtx * W).sum())
-        else:
-            xty = self.xty
-            y_sum = self.y_sum
-            y_square = self.y_square
-            if bias is not None:
-                # The tracked targets contain the bias: subtract it from every row.
-                xty = xty - torch.outer(self.x_sum, b)
-                y_square = y_square - 2.0 * float(b @ y_sum) + n * float(b @ b)
-                y_sum = y_sum - n * b
-            else:
-                pass
-        if not refit_bias:
-            H = self.xtx + lam * torch.eye(p, dtype=torch.float64, device=self.device)
-            G = xty + lam * W.T
-            c0 = y_square + lam * float(W.square().sum())
-            return LayerProblem(
-                H, G, c0, labels.to(self.device), lam=lam, xtx_diag=xtx_diag, weight=W, meta=meta
-            )
-        # Augmented column of ones, its weight is the bias: targets are (Y - b) + b = Y_full.
-        H = torch.zeros((p + 1, p + 1), dtype=torch.float64, device=self.device)
-        H[:p, :p] = self.xtx
-        H[:p, p] = self.x_sum
-        H[p, :p] = self.x_sum
-        H[p, p] = n
-        H += lam * torch.eye(p + 1, dtype=torch.float64, device=self.device)
-        y_full_sum = y_sum + n * b
-        xty_full = xty + torch.outer(self.x_sum, b)
-        G = torch.cat([xty_full, y_full_sum[None, :]], dim=0)
-        W_aug = torch.cat([W, b[:, None]], dim=1)
-        G = G + lam * W_aug.T
-        y_full_square = y_square + 2.0 * float(b @ y_sum) + n * float(b @ b)
-        c0 = y_full_square + lam * float(W_aug.square().sum())
-        labels_aug = torch.cat([labels, torch.tensor([-1], dtype=torch.int64)])
-        xtx_diag_aug = torch.cat([xtx_diag, torch.tensor([n], dtype=torch.float64, device=self.device)])
-        return LayerProblem(
-            H,
-            G,
-            c0,
-            labels_aug.to(self.device),
-            lam=lam,
-            xtx_diag=xtx_diag_aug,
-            weight=W,
-            has_bias_column=True,
-            meta=meta,
+        targets = None if self.num_outputs is None else (self.xty, self.y_sum, self.y_square)
+        return LayerProblem.from_moments(
+            self.xtx, self.x_sum, self.rows, W, groups, targets=targets, damp=damp, bias=bias,
+            refit_bias=refit_bias, meta=meta,
         )

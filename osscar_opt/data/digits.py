@@ -61,10 +61,10 @@ def digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> 
 
 def build(architecture: str, num_classes: int = NUM_CLASSES, width_mult: float = 0.5) -> nn.Module:
     """A stock, randomly initialized torchvision model (``width_mult`` only for mobilenet_v2)."""
-    from osscar_opt.vision import SUPPORTED
+    from osscar_opt.adapters.registry import vision_architectures
 
-    if architecture not in SUPPORTED:
-        raise ValueError(f"architecture: expected one of {', '.join(SUPPORTED)}, got {architecture!r}")
+    if architecture not in vision_architectures():
+        raise ValueError(f"architecture: expected one of {', '.join(vision_architectures())}, got {architecture!r}")
     options = {"width_mult": width_mult} if architecture == "mobilenet_v2" else {}
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes, **options)
 

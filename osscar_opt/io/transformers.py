@@ -1,7 +1,7 @@
 """Save/reload family "transformers": stock transformers classes with per-block dimensions.
 
 ``export`` records the model class (``transformers.<ClassName>``), the adapter family and the
-kept attention groups / MLP neurons of every block; ``write_extra`` writes ``config.json`` (the
+kept attention groups / MLP neurons of every block; ``write_files`` writes ``config.json`` (the
 dense configuration); ``rebuild`` instantiates the class from that config, shrinks every block to
 the saved dimensions and loads the weights strictly.
 """
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from osscar_opt.adapters.base import adapter_for
+from osscar_opt.adapters.registry import adapter_for
+from osscar_opt.adapters.transformer import TransformerAdapter
 
 
 def handles(model: nn.Module) -> bool:
@@ -25,8 +26,8 @@ def handles(model: nn.Module) -> bool:
         return False
     if not isinstance(model, PreTrainedModel):
         return False
-    adapter_for(model)  # unsupported architectures raise a ValueError listing the supported ones
-    return True
+    # unsupported architectures raise a ValueError listing the supported ones
+    return isinstance(adapter_for(model), TransformerAdapter)
 
 
 def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -41,7 +42,7 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, dict(model.state_dict())
 
 
-def write_extra(model: nn.Module, directory: Path) -> None:
+def write_files(model: nn.Module, directory: Path) -> None:
     """Write the model's ``config.json`` (and generation config when there is one)."""
     model.config.save_pretrained(str(directory))
     generation = getattr(model, "generation_config", None)
@@ -49,11 +50,9 @@ def write_extra(model: nn.Module, directory: Path) -> None:
         generation.save_pretrained(str(directory))
 
 
-def rebuild(meta: dict[str, Any], directory: Path) -> nn.Module:
+def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
     """The saved model as its original transformers class, in eval mode."""
     import transformers
-
-    from osscar_opt.io import read_state_dict
 
     cls = getattr(transformers, str(meta.get("class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -62,7 +61,6 @@ def rebuild(meta: dict[str, Any], directory: Path) -> nn.Module:
     dtype = getattr(torch, str(meta.get("dtype", "float32")))
     model = cls(config).to(dtype)
     adapter_for(model).restore_dims(meta["blocks"])
-    state = read_state_dict(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -1,0 +1,138 @@
+"""What every transformers family shares: blocks as stages, capture at the first block, dims.
+
+A family subclass of :class:`TransformerAdapter` says which ``config.model_type`` values it
+handles, where the blocks are, and how to build the attention and MLP structures of one block.
+Calibration data is ``(samples, seq_len)`` token ids; the model runs up to its first block, where
+a hook records the hidden states and the extra arguments (masks, position embeddings) that the
+model passes to its blocks, so every block can then be run on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall, check_batch_size, model_device
+from osscar_opt.formulations.structures import Structure
+
+
+class _Stop(Exception):
+    """Raised by the input catcher to end a forward pass at the first block."""
+
+
+class TransformerAdapter(ModelAdapter):
+    """Base of the transformers families: stages are the blocks, structures attention then MLP.
+
+    Subclasses set ``family``, ``model_types`` (the ``config.model_type`` values they handle) and
+    ``causal_lm``, and implement :meth:`blocks`, :meth:`attention` and :meth:`mlp`.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    causal_lm: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.config = model.config
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """True when ``model`` is a transformers model of one of ``model_types``."""
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in cls.model_types
+
+    # ---------------------------------------------------------------- family specifics
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in forward order."""
+        raise NotImplementedError
+
+    def attention(self, block: nn.Module, prefix: str) -> Structure:
+        """The attention structure (heads, or KV groups for GQA) of ``block``."""
+        raise NotImplementedError
+
+    def mlp(self, block: nn.Module, prefix: str) -> Structure:
+        """The MLP neuron structure of ``block``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- stages
+    def stages(self) -> list[Stage]:
+        stages = []
+        for block in self.blocks():
+            prefix = self.qualified_name(block)
+            stages.append(Stage(prefix, block, self._structures_of(prefix)))
+        return stages
+
+    def _structures_of(self, prefix: str):
+        def structures(block: nn.Module) -> list[Structure]:
+            return [self.attention(block, prefix), self.mlp(block, prefix)]
+
+        return structures
+
+    def calibration_batches(self, calibration: Any, batch_size: int) -> list[torch.Tensor]:
+        """``(samples, seq_len)`` int64 token ids split into batches of ``batch_size`` samples."""
+        if (
+            not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0
+            or calibration.is_floating_point()
+        ):
+            found = (
+                f"{tuple(calibration.shape)} {calibration.dtype}" if isinstance(calibration, torch.Tensor)
+                else type(calibration).__name__
+            )
+            raise ValueError(f"calibration: expected a non-empty (samples, seq_len) tensor of token ids, got {found}")
+        device = model_device(self.model)
+        return [batch.to(device) for batch in calibration.split(check_batch_size(batch_size))]
+
+    def stage_inputs(self, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[StageCall]]:
+        """Run the model up to the first block for every batch; its hidden input and call args."""
+        hidden: list[torch.Tensor] = []
+        calls: list[StageCall] = []
+
+        def catch(_module, args, kwargs):
+            if args:
+                hidden.append(args[0].detach())
+                rest = args[1:]
+            else:
+                hidden.append(kwargs.pop("hidden_states").detach())
+                rest = ()
+            calls.append(StageCall(rest, dict(kwargs)))
+            raise _Stop
+
+        handle = self.blocks()[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for ids in batches:
+                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                if self.causal_lm:
+                    inputs["use_cache"] = False
+                with contextlib.suppress(_Stop):
+                    self.model(**inputs)
+        finally:
+            handle.remove()
+        return hidden, calls
+
+    # ---------------------------------------------------------------- dimensions (save / reload)
+    def block_dims(self, block: nn.Module) -> dict[str, int]:
+        """Per-block dimensions: kept attention groups and MLP neurons."""
+        return {
+            "attention_groups": self.attention(block, "").num_groups,
+            "mlp_neurons": self.mlp(block, "").num_groups,
+        }
+
+    def dims(self) -> list[dict[str, int]]:
+        """Dimensions of every block, for the saved metadata."""
+        return [self.block_dims(block) for block in self.blocks()]
+
+    def restore_dims(self, dims: list[dict[str, Any]]) -> None:
+        """Shrink a freshly built dense model to saved per-block ``dims`` (values are reloaded after)."""
+        from osscar_opt.formulations.surgery import resize_empty
+
+        blocks = self.blocks()
+        if len(dims) != len(blocks):
+            raise ValueError(f"dims: {len(dims)} blocks saved, model has {len(blocks)}")
+        for block, entry in zip(blocks, dims, strict=True):
+            structures = {"attention_groups": self.attention(block, ""), "mlp_neurons": self.mlp(block, "")}
+            for key, structure in structures.items():
+                if int(entry[key]) != structure.num_groups:
+                    resize_empty(structure, int(entry[key]))

@@ -1,0 +1,78 @@
+"""Save and reload pruned models with stock library classes (``save_pruned`` / ``load_pruned``).
+
+Families are modules of this package with ``handles(model) -> bool``, ``export(model) ->
+(meta, state_dict)``, ``write_files(model, folder)`` and ``rebuild(meta, state_dict, folder) ->
+model``; :mod:`osscar_opt.io.folder` writes and reads the folder atomically. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from osscar_opt.io.folder import META_FILE, WEIGHTS_FILE, read_state_dict, write_folder
+from osscar_opt.io.folder import read_meta as _read_meta
+
+FAMILIES = {
+    "transformers": "osscar_opt.io.transformers",
+    "torchvision": "osscar_opt.io.torchvision",
+}
+
+__all__ = ["FAMILIES", "META_FILE", "WEIGHTS_FILE", "load_pruned", "read_meta", "read_state_dict", "save_pruned"]
+
+
+def _family_module(name: str) -> ModuleType | None:
+    """The family module, or None when its library is not installed."""
+    module_name = FAMILIES[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or exc.name == name:
+            return None
+        raise
+
+
+def _family_for(model: nn.Module) -> tuple[str, ModuleType]:
+    for name in FAMILIES:
+        module = _family_module(name)
+        if module is not None and module.handles(model):
+            return name, module
+    raise ValueError(
+        f"model: cannot save a {type(model).__name__}; supported families: "
+        + ", ".join(n for n in FAMILIES if _family_module(n) is not None)
+    )
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON document of a saved model; a missing or foreign folder raises ValueError."""
+    return _read_meta(directory, tuple(FAMILIES))
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``model`` to ``directory`` atomically (replacing an earlier saved model there).
+
+    ``tokenizer`` (anything with ``save_pretrained``) is written into the same folder.
+    """
+    family, module = _family_for(model)
+    meta, state = module.export(model)
+
+    def write_files(folder: Path) -> None:
+        module.write_files(model, folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+    return write_folder(Path(directory), state, {"family": family, **meta}, write_files)
+
+
+def load_pruned(directory: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned` with stock classes and its saved dimensions."""
+    meta = read_meta(directory)
+    module = _family_module(meta["family"])
+    if module is None:
+        raise ValueError(f"directory: family {meta['family']!r} is not available in this installation")
+    return module.rebuild(meta, read_state_dict(directory, meta), Path(directory))

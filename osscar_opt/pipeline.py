@@ -1,0 +1,291 @@
+"""The one pruning pipeline: calibrate, lower, solve and cut, one stage at a time, for every family.
+
+For stage ``i`` (a transformer block, a residual block, a stem) the adapter
+(:mod:`osscar_opt.adapters`) gives the module, its structures and the per-batch call arguments.
+The loop (docs/architecture.md, "The pipeline"):
+
+1. a deep copy of the *dense* stage runs on the dense model's stage inputs, recording every
+   consumer's output (the targets) and the dense stage output, in one pass;
+2. for each structure in order, the *live* stage runs on the already-pruned model's stage inputs;
+   the consumer's inputs and the dense targets stream into a float64
+   :class:`~osscar_opt.accumulator.StatsAccumulator`; the layer problem is built, the budget
+   asks how many groups to keep, the backend solves it, surgery cuts the live stage in place
+   (so the next structure is calibrated on the pruned one);
+3. the live stage runs once more to advance the pruned inputs; the dense outputs advance the
+   dense inputs.
+
+Only one stage's activations are held in memory. The model is pruned in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from osscar_opt.accumulator import StatsAccumulator
+from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
+from osscar_opt.adapters.registry import adapter_for
+from osscar_opt.budget import Budget, as_budget
+from osscar_opt.formulations.structures import Structure
+from osscar_opt.formulations.surgery import apply_solution
+from osscar_opt.solving import solve
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one consumer layer (one row of the JSON report).
+
+    Losses are the layer problem's (squared reconstruction error plus ridge term, summed over
+    calibration rows); ``relative_loss`` is ``loss / c0`` (``c0``: the loss of keeping nothing).
+    """
+
+    stage: int
+    name: str
+    kind: str
+    groups: int
+    keep: int
+    kept: list[int]
+    loss: float
+    dense_loss: float
+    relative_loss: float
+    backend: str
+    status: str
+    solve_seconds: float
+    calibration_seconds: float
+
+
+@dataclass
+class PruneReport:
+    """Per-layer records of a :func:`prune` run, its settings and total wall time (seconds)."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "seconds": self.seconds, "layers": [asdict(r) for r in self.layers]}
+
+
+@dataclass
+class _Options:
+    backend: str
+    backend_options: dict[str, Any]
+    refit_bias: bool
+    damp: float
+    save_problems: Path | None
+
+
+def _record_io(module: nn.Module, store: list, what: str):
+    """Forward hook appending the module's input (``what='input'``) or output to ``store``."""
+
+    def hook(_module, inputs, output):
+        store.append((inputs[0] if what == "input" else output).detach())
+
+    return module.register_forward_hook(hook)
+
+
+class _StagePruner:
+    """Prunes one stage given the dense and pruned stage inputs of every batch."""
+
+    def __init__(self, adapter: ModelAdapter, index: int, stage: Stage, budget: Budget, options: _Options) -> None:
+        self.adapter = adapter
+        self.index = index
+        self.stage = stage
+        self.budget = budget
+        self.options = options
+
+    def dense_pass(self, dense_in: list[torch.Tensor], calls: list[StageCall]):
+        """Targets of every consumer (as rows) and the dense stage outputs, batch by batch."""
+        dense_module = copy.deepcopy(self.stage.module)
+        structures = self.stage.structures(dense_module)
+        targets: list[list[torch.Tensor]] = [[] for _ in structures]
+        outputs = []
+        handles = [_record_io(s.consumer, store, "output") for s, store in zip(structures, targets, strict=True)]
+        try:
+            with torch.no_grad():
+                for hidden, call in zip(dense_in, calls, strict=True):
+                    outputs.append(self.adapter.run_stage(self.stage, hidden, call, dense_module).detach())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return targets, outputs
+
+    def calibrate(self, structure: Structure, pruned_in, calls, targets) -> StatsAccumulator:
+        """Stream the live consumer's inputs (pruned model) and the dense targets into statistics."""
+        accumulator = StatsAccumulator(
+            structure.in_features, structure.out_features, device=structure.consumer.weight.device
+        )
+        inputs: list[torch.Tensor] = []
+        handle = _record_io(structure.consumer, inputs, "input")
+        try:
+            with torch.no_grad():
+                for hidden, call, target in zip(pruned_in, calls, targets, strict=True):
+                    self.adapter.run_stage(self.stage, hidden, call)
+                    accumulator.add(structure.input_rows(inputs.pop()), structure.output_rows(target))
+        finally:
+            handle.remove()
+        return accumulator
+
+    def prune_structure(self, position: int, pruned_in, calls, targets) -> LayerRecord | None:
+        """Calibrate the live stage's structure at ``position``, solve it and cut it."""
+        structure = self.stage.structures(self.stage.module)[position]
+        keep = self.budget.keep(structure.name, structure.kind, structure.num_groups)
+        if keep is None:
+            return None
+        start = time.perf_counter()
+        consumer = structure.consumer
+        accumulator = self.calibrate(structure, pruned_in, calls, targets)
+        problem = accumulator.problem(
+            structure.weight(),
+            structure.groups,
+            damp=self.options.damp,
+            bias=None if consumer.bias is None else consumer.bias.detach(),
+            refit_bias=self.options.refit_bias and (consumer.bias is not None or self.adapter.adds_bias),
+            meta={"name": structure.name, "kind": structure.kind, "stage": self.stage.name},
+        )
+        del accumulator
+        problem.keep = keep
+        calibration_seconds = time.perf_counter() - start
+        if self.options.save_problems is not None:
+            problem.save(self.options.save_problems / f"{self.index:03d}.{position}_{structure.name}.safetensors")
+        solution = solve(problem, keep, self.options.backend, **self.options.backend_options)
+        apply_solution(structure, solution.support, solution.weights, solution.bias)
+        return LayerRecord(
+            stage=self.index, name=structure.name, kind=structure.kind, groups=structure.num_groups, keep=keep,
+            kept=list(solution.support), loss=solution.loss, dense_loss=problem.loss(range(problem.num_groups)),
+            relative_loss=solution.loss / problem.c0 if problem.c0 > 0 else 0.0,
+            backend=solution.backend, status=solution.status, solve_seconds=solution.seconds,
+            calibration_seconds=calibration_seconds,
+        )
+
+    def run(self, dense_in, pruned_in, calls) -> tuple[list[LayerRecord], list, list]:
+        """Prune this stage; returns its records and the dense and pruned stage outputs."""
+        targets, dense_out = self.dense_pass(dense_in, calls)
+        records = []
+        for position in range(len(targets)):
+            record = self.prune_structure(position, pruned_in, calls, targets[position])
+            if record is not None:
+                records.append(record)
+            targets[position] = None  # free the targets of this structure
+        if not records and pruned_in is dense_in:
+            return records, dense_out, dense_out  # nothing pruned yet: both models agree
+        with torch.no_grad():
+            pruned_out = [
+                self.adapter.run_stage(self.stage, hidden, call).detach()
+                for hidden, call in zip(pruned_in, calls, strict=True)
+            ]
+        return records, dense_out, pruned_out
+
+
+def _check_kinds(adapter: ModelAdapter, budget: Budget) -> None:
+    """Refuse a budget that prunes none of the model's structure kinds, before any forward pass."""
+    present = {structure.kind for structure in adapter.structures()}
+    wanted = set(budget.kinds())
+    if wanted and not wanted & present:
+        raise ValueError(
+            f"budgets: prune {sorted(wanted)}, but this {adapter.architecture} model has only {sorted(present)}"
+        )
+
+
+def prune(
+    model: nn.Module,
+    calibration: Any,
+    budgets: Budget | Mapping[str, float],
+    *,
+    backend: str = "local-search",
+    backend_options: Mapping[str, Any] | None = None,
+    refit_bias: bool = False,
+    damp: float = 1e-2,
+    batch_size: int = 8,
+    save_problems: str | Path | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place, stage by stage, and return the per-layer report.
+
+    Args:
+        model: a supported model (see :func:`osscar_opt.adapters.registry.adapter_for`): a
+            transformers BERT / OPT / GPT-2 / LLaMA-family model or a torchvision ResNet /
+            MobileNetV2, already on its device and in its forward dtype.
+        calibration: transformers: ``(samples, seq_len)`` int64 token ids (every position a real
+            token); torchvision: ``(N, C, H, W)`` float images normalized as the model expects, or
+            an iterable of such batches.
+        budgets: structure kind -> sparsity (fraction of groups removed per structure), e.g.
+            ``{"heads": 0.25, "neurons": 0.25}``, ``{"kv_groups": 0.34, "neurons": 0.5}`` or
+            ``{"channels": 0.3}``; or any :class:`osscar_opt.budget.Budget`.
+        backend: backend name for :func:`osscar_opt.solve`; ``backend_options`` its options.
+        refit_bias: re-fit the consumer biases; bias-free consumers gain one where the family's save
+            format records it (torchvision), and are left bias-free otherwise (transformers).
+        damp: ridge weight relative to the mean diagonal of ``X^T X``.
+        batch_size: calibration samples per forward pass.
+        save_problems: folder to write every layer problem to (``LayerProblem.save`` format, with
+            the budget stored as ``problem.keep``).
+        progress: show a tqdm bar over stages.
+    """
+    from tqdm.auto import tqdm
+
+    from osscar_opt import backends
+
+    adapter = adapter_for(model)
+    budget = as_budget(budgets)
+    if backend_options is not None and not isinstance(backend_options, Mapping):
+        raise ValueError(f"backend_options: expected a mapping of option names to values, got {backend_options!r}")
+    if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0:
+        raise ValueError(f"damp: expected a positive number, got {damp!r}")
+    backends.get(backend)  # an unknown backend fails before any forward pass
+    _check_kinds(adapter, budget)
+    batches = adapter.calibration_batches(calibration, batch_size)
+    options = _Options(
+        backend=backend, backend_options=dict(backend_options or {}), refit_bias=bool(refit_bias),
+        damp=float(damp), save_problems=None if save_problems is None else Path(save_problems),
+    )
+    if options.save_problems is not None:
+        options.save_problems.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    report = PruneReport(settings={
+        "family": adapter.family, "architecture": adapter.architecture,
+        "budgets": budget.to_dict() if hasattr(budget, "to_dict") else repr(budget),
+        "backend": backend, "backend_options": {k: str(v) for k, v in options.backend_options.items()},
+        "refit_bias": options.refit_bias, "damp": options.damp,
+        "samples": sum(int(batch.shape[0]) for batch in batches),
+        "sample_shape": list(batches[0].shape[1:]),
+    })
+    try:
+        with torch.no_grad():
+            dense_in, calls = adapter.stage_inputs(batches)
+        pruned_in = dense_in
+        stages = adapter.stages()
+        for index in tqdm(range(len(stages)), desc="pruning", unit="stage", disable=not progress):
+            pruner = _StagePruner(adapter, index, stages[index], budget, options)
+            records, dense_in, pruned_in = pruner.run(dense_in, pruned_in, calls)
+            report.layers.extend(records)
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def prune_vision(
+    model: nn.Module,
+    calibration_images: Any,
+    budgets: Budget | Mapping[str, float],
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 32,
+    **options: Any,
+) -> tuple[nn.Module, PruneReport]:
+    """:func:`prune` on a deep copy of ``model`` (moved to ``device`` when given); the original is
+    left alone. Returns ``(pruned copy in eval mode, report)``. ``budgets`` is e.g. ``{"channels": 0.3}``."""
+    pruned = copy.deepcopy(model)
+    if device is not None:
+        pruned = pruned.to(torch.device(device))
+    report = prune(pruned, calibration_images, budgets, batch_size=batch_size, **options)
+    return pruned.eval(), report
