@@ -10,10 +10,8 @@ import torch
 from transformers import BertConfig, BertModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from osscar_opt import cli
-from osscar_opt.adapters.base import adapter_for
-from osscar_opt.driver import prune
+from osscar_opt.adapters.registry import adapter_for
 from osscar_opt.models import minilm_path
-from tests.tiny_transformers import tiny_model, token_ids
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -46,6 +44,11 @@ def pruned_run(tiny_bert_folder, tmp_path_factory):
 def test_prune_writes_model_report_and_problems(pruned_run, capsys):
     report = json.loads((pruned_run / "report.json").read_text())
     assert [layer["keep"] for layer in report["layers"]] == [2, 24, 2, 24]
+    assert [layer["stage"] for layer in report["layers"]] == [0, 0, 1, 1]
+    assert all(len(layer["kept"]) == layer["keep"] for layer in report["layers"])
+    settings = report["settings"]
+    assert settings["budgets"] == {"heads": 0.5, "kv_groups": 0.5, "neurons": 0.5}
+    assert settings["architecture"] == "bert" and settings["samples"] == 8 and settings["sample_shape"] == [16]
     assert all(layer["loss"] >= 0 and layer["solve_seconds"] >= 0 for layer in report["layers"])
     assert report["pruned"]["params"] < report["dense"]["params"]
     assert report["pruned"]["macs"] < report["dense"]["macs"]
@@ -86,6 +89,7 @@ def test_solve_re_solves_saved_problems_with_another_backend(pruned_run, capsys)
         (["--seq-len", "0"], "seq_len: expected a positive integer"),
         (["--samples", "0"], "samples: expected a positive integer"),
         (["--backend", "no-such-backend"], "backend: unknown backend 'no-such-backend'"),
+        (["--channels-sparsity", "0.5"], "model: --channels-sparsity and --weights apply to torchvision"),
     ],
 )
 def test_bad_prune_arguments_are_clean_errors(tiny_bert_folder, extra, message, capsys):
@@ -113,12 +117,3 @@ def test_empty_calibration_text_is_a_clean_error(tiny_bert_folder, tmp_path, cap
     err = capsys.readouterr().err
     assert "calib_text:" in err and "empty" in err
 
-
-def test_driver_rejects_bad_calibration_and_sparsity():
-    model = tiny_model("bert")
-    with pytest.raises(ValueError, match="calibration"):
-        prune(model, torch.zeros(0, 5, dtype=torch.int64), heads_sparsity=0.5, progress=False)
-    with pytest.raises(ValueError, match="heads_sparsity"):
-        prune(model, token_ids(), heads_sparsity=1.5, progress=False)
-    with pytest.raises(ValueError, match="batch_size"):
-        prune(model, token_ids(), heads_sparsity=0.5, batch_size=0, progress=False)

@@ -1,4 +1,5 @@
-"""Save -> reload of pruned tiny transformers: identical outputs, same class, atomic writes."""
+"""Save -> reload of pruned models of every family (identical outputs, same class, atomic writes) and
+the layer problems the pipeline saves (each with its budget)."""
 
 from __future__ import annotations
 
@@ -13,42 +14,78 @@ import pytest
 import torch
 
 import osscar_opt
-from osscar_opt.driver import prune
-from osscar_opt.io import META_FILE
-from tests.tiny_transformers import FAMILIES, output_of, tiny_model, token_ids
+from osscar_opt.adapters.registry import adapter_for
+from osscar_opt.io import META_FILE, WEIGHTS_FILE
+from osscar_opt.pipeline import prune
+from osscar_opt.problem import LayerProblem
+from osscar_opt.solving import solve
+from tests.tiny_models import MODELS, budgets, build, calibration, is_vision, output
+from tests.tiny_transformers import output_of, tiny_model, token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def pruned(request):
-    model = tiny_model(request.param)
-    prune(model, token_ids(), heads_sparsity=0.5, neurons_sparsity=0.5, backend="greedy", progress=False)
-    return model
+@pytest.fixture(scope="module", params=MODELS)
+def pruned(request, tmp_path_factory):
+    """``(name, model pruned at 50% of every kind, its report, the folder of its saved problems)``."""
+    name = request.param
+    problems = tmp_path_factory.mktemp(f"problems_{name}")
+    model = build(name)
+    backend = "magnitude" if is_vision(name) else "greedy"  # greedy on ResNet-50 costs half a minute
+    report = prune(model, calibration(name), budgets(name, 0.5), backend=backend, batch_size=4,
+                   save_problems=problems, progress=False)
+    return name, model, report, problems
 
 
 def test_reload_gives_identical_outputs_and_the_same_class(pruned, tmp_path):
-    ids = token_ids(3)
-    osscar_opt.save_pruned(pruned, tmp_path / "model")
+    name, model, _, _ = pruned
+    data = calibration(name, seed=3)[:3]
+    osscar_opt.save_pruned(model, tmp_path / "model")
     reloaded = osscar_opt.load_pruned(tmp_path / "model")
-    assert type(reloaded) is type(pruned)
-    assert torch.equal(output_of(reloaded, ids), output_of(pruned, ids))
-    shapes = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    assert type(reloaded) is type(model) and not reloaded.training
+    assert torch.equal(output(reloaded, data), output(model, data))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in reloaded.state_dict().items()} == shapes
 
 
-def test_saved_folder_holds_safetensors_config_and_per_block_dims(pruned, tmp_path):
-    osscar_opt.save_pruned(pruned, tmp_path / "model")
+def test_saved_folder_holds_safetensors_and_the_pruned_dimensions(pruned, tmp_path):
+    name, model, _, _ = pruned
+    osscar_opt.save_pruned(model, tmp_path / "model")
     files = {p.name for p in (tmp_path / "model").iterdir()}
-    assert {"model.safetensors", "config.json", META_FILE} <= files
-    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert {WEIGHTS_FILE, META_FILE} <= files
+    assert not any(file.endswith((".bin", ".pt", ".pkl")) for file in files)
     meta = json.loads((tmp_path / "model" / META_FILE).read_text())
-    assert meta["family"] == "transformers" and meta["class"] == type(pruned).__name__
-    assert [block["attention_groups"] for block in meta["blocks"]] == [2, 2] or meta["adapter"] == "llama"
-    assert all(block["mlp_neurons"] == 24 for block in meta["blocks"])
+    if is_vision(name):
+        assert meta["family"] == "torchvision" and meta["architecture"] == name
+        assert meta["internal_channels"] == adapter_for(model).internal_channels()
+    else:
+        assert "config.json" in files
+        assert meta["family"] == "transformers" and meta["class"] == type(model).__name__
+        # 4 heads -> 2 (LLaMA: 2 KV groups -> 1), 48 neurons -> 24
+        assert [block["attention_groups"] for block in meta["blocks"]] == [1 if name == "llama" else 2] * 2
+        assert all(block["mlp_neurons"] == 24 for block in meta["blocks"])
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left behind
 
 
+def test_saved_problems_carry_the_budget_and_the_layer_names(pruned):
+    _, _, report, problems = pruned
+    files = sorted(problems.glob("*.safetensors"))
+    assert len(files) == len(report.layers) > 0
+    positions: dict[int, int] = {}
+    for record in report.layers:  # every structure is pruned: positions count up within a stage
+        position = positions[record.stage] = positions.get(record.stage, -1) + 1
+        path = problems / f"{record.stage:03d}.{position}_{record.name}.safetensors"
+        problem = LayerProblem.load(path)
+        assert problem.keep == record.keep and type(problem.keep) is int
+        assert problem.num_groups == record.groups
+        assert problem.meta["name"] == record.name and problem.meta["kind"] == record.kind
+        assert record.name.startswith(problem.meta["stage"] + ".") and "keep" not in problem.meta
+        again = solve(problem, problem.keep, record.backend)  # the saved problem is the one that was solved
+        assert list(again.support) == record.kept
+        assert again.loss == pytest.approx(record.loss, rel=1e-9, abs=1e-12)
+
+
+# ------------------------------------------------------------------ transformers specifics
 def test_tied_embeddings_are_written_once_and_tied_again(tmp_path):
     model = tiny_model("opt")  # OPT ties lm_head to the token embeddings
     assert model.lm_head.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()

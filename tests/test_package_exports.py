@@ -16,3 +16,18 @@ def test_exports_are_functions_even_after_submodule_import():
         "assert all(callable(f) for f in (solve, prune, save_pruned, load_pruned, LayerProblem))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_export_resolves_and_prune_is_the_pipeline():
+    code = (
+        "import osscar_opt, osscar_opt.pipeline, osscar_opt.accumulator, osscar_opt.budget\n"
+        "from osscar_opt import *\n"
+        "missing = [name for name in osscar_opt.__all__ if name not in globals()]\n"
+        "assert not missing, missing\n"
+        "assert osscar_opt.prune is osscar_opt.pipeline.prune\n"
+        "assert osscar_opt.prune_vision is osscar_opt.pipeline.prune_vision\n"
+        "assert osscar_opt.LayerRecord is osscar_opt.pipeline.LayerRecord\n"
+        "assert osscar_opt.StatsAccumulator is osscar_opt.accumulator.StatsAccumulator\n"
+        "assert osscar_opt.keep_count is osscar_opt.budget.keep_count\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,60 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(loaded.weight, problem.weight) and torch.equal(loaded.xtx_diag, problem.xtx_diag)
     assert loaded.meta == problem.meta
     assert loaded.loss((0, 3)) == problem.loss((0, 3))
+
+
+def test_saved_problem_budget_is_an_integer_field(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from osscar_opt import cli
+
+    problem = random_problem([2, 2, 2, 2, 2], outputs=3, seed=15)
+    assert problem.keep is None
+    problem.keep = 2
+    problem.meta["name"] = "layer"
+    path = tmp_path / "000.0_layer.safetensors"
+    problem.save(path)
+    with safe_open(str(path), framework="pt") as handle:  # a 0-d int64 tensor, not a string in the metadata
+        stored = handle.get_tensor("keep")
+        assert "keep" not in handle.metadata()["meta"]
+    assert stored.dtype == torch.int64 and stored.dim() == 0 and int(stored) == 2
+    loaded = LayerProblem.load(path)
+    assert loaded.keep == 2 and type(loaded.keep) is int and "keep" not in loaded.meta
+    assert loaded.to("cpu", torch.float32).keep == 2
+    # ``osscar solve DIR`` without --keep / --sparsity solves at the saved budget
+    assert cli.main(["solve", str(tmp_path), "--backend", "greedy", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["name"], row["keep"]) for row in rows] == [("layer", 2)]
+    # a problem saved without a budget needs one on the command line
+    problem.keep = None
+    problem.save(path)
+    assert LayerProblem.load(path).keep is None
+    assert cli.main(["solve", str(tmp_path)]) == 2
+    assert "keep: problem layer has no saved budget" in capsys.readouterr().err
+    assert cli.main(["solve", str(tmp_path), "--keep", "3", "--json"]) == 0
+    assert [row["keep"] for row in json.loads(capsys.readouterr().out)] == [3]
+
+
+@pytest.mark.parametrize("keep", [-1, 6, 2.0, "2", True])
+def test_a_budget_that_is_not_a_group_count_is_rejected(keep):
+    problem = random_problem([2] * 5, seed=16)
+    with pytest.raises(ValueError, match=r"keep: expected an integer in \[0, 5\]"):
+        problem.keep = keep
+
+
+def test_load_rejects_a_budget_that_is_not_an_integer_scalar(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "layer.safetensors"
+    random_problem([2, 2], seed=17).save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    for bad in (torch.tensor(1.0), torch.tensor([1])):
+        save_file({**tensors, "keep": bad}, str(path), metadata=metadata)
+        with pytest.raises(ValueError, match="'keep' field"):
+            LayerProblem.load(path)
 
 
 def test_to_changes_device_and_dtype_only():

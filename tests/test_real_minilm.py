@@ -7,9 +7,10 @@ import copy
 
 import pytest
 
-from osscar_opt import data, evaluate
-from osscar_opt.driver import prune
+from osscar_opt import evaluate
+from osscar_opt.data import text
 from osscar_opt.models import load_model
+from osscar_opt.pipeline import prune
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def minilm():
     loaded = load_model(None, device="cpu")
-    calibration = data.calibration_ids(loaded.tokenizer, data.load_texts(None, "calib", False), 32, 64)
-    eval_data = evaluate.make_eval_data(loaded.tokenizer, data.load_texts(None, "eval", False), False,
+    calibration = text.calibration_ids(loaded.tokenizer, text.load_texts(None, "calib", False), 32, 64)
+    eval_data = evaluate.make_eval_data(loaded.tokenizer, text.load_texts(None, "eval", False), False,
                                         seq_len=64, max_passages=96)
     dense = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, speed=False)
     return loaded, calibration, eval_data, dense
@@ -28,7 +29,7 @@ def _pruned_quality(minilm, backend):
     loaded, calibration, eval_data, dense = minilm
     model = copy.deepcopy(loaded.model)
     options = {"restarts": 0} if backend == "local-search" else {}
-    report = prune(model, calibration, heads_sparsity=0.5, neurons_sparsity=0.5, backend=backend,
+    report = prune(model, calibration, {"heads": 0.5, "neurons": 0.5}, backend=backend,
                    backend_options=options, batch_size=16, progress=False)
     return evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense, speed=False), report
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import osscar_opt
-from osscar_opt import data, evaluate
-from osscar_opt.driver import prune
+from osscar_opt import evaluate
+from osscar_opt.data import text
 from osscar_opt.models import SMOLLM2_NOTE, load_model
+from osscar_opt.pipeline import prune
 
 pytestmark = pytest.mark.slow
 FAST_LOCAL_SEARCH = {"restarts": 0, "stages": 1, "max_swaps": 3}
@@ -27,8 +28,8 @@ WINDOWS = 4
 @pytest.fixture(scope="module")
 def smollm2():
     loaded = load_model("smollm2", device="cpu")
-    calibration = data.calibration_ids(loaded.tokenizer, data.load_texts(None, "calib", True), 8, 64)
-    eval_data = evaluate.make_eval_data(loaded.tokenizer, data.load_texts(None, "eval", True), True,
+    calibration = text.calibration_ids(loaded.tokenizer, text.load_texts(None, "calib", True), 8, 64)
+    eval_data = evaluate.make_eval_data(loaded.tokenizer, text.load_texts(None, "eval", True), True,
                                         seq_len=128, max_windows=WINDOWS)
     dense_ppl = evaluate.perplexity(loaded.model, eval_data.stream, 128, max_windows=WINDOWS)
     return loaded, calibration, eval_data, dense_ppl
@@ -40,7 +41,7 @@ def pruned_pair(smollm2):
     models = {}
     for backend, options in (("local-search", FAST_LOCAL_SEARCH), ("magnitude", {})):
         model = copy.deepcopy(loaded.model)
-        prune(model, calibration, heads_sparsity=0.25, neurons_sparsity=0.25, backend=backend,
+        prune(model, calibration, {"kv_groups": 0.25, "neurons": 0.25}, backend=backend,
               backend_options=options, batch_size=8, progress=False)
         models[backend] = model
     return models

@@ -1,4 +1,6 @@
-"""ResNet / MobileNetV2 channel surgery: exactness, forward after pruning, save and reload, bad input."""
+"""ResNet / MobileNetV2 channel pruning: ``prune_vision`` on a copy, forward after pruning, save and
+reload, architecture detection, bias re-fit and bad input. (What holds for every family, keep-all,
+zeroed channels, the save/reload round trip, lives in test_surgery_tiny_models and test_io_save_reload.)"""
 
 from __future__ import annotations
 
@@ -11,27 +13,14 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from osscar_opt import load_pruned, save_pruned
-from osscar_opt.adapters import torchvision_io
-from osscar_opt.io import META_FILE
-from osscar_opt.vision import SUPPORTED, channels_to_keep, identify, internal_channels, prune_vision
-
-
-def small_model(architecture: str, seed: int = 0) -> nn.Module:
-    """Stock torchvision models made cheap: narrow bottlenecks / width, BN statistics randomized."""
-    torch.manual_seed(seed)
-    if architecture == "mobilenet_v2":
-        model = torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=5)
-    elif architecture == "resnet50":
-        model = torchvision.models.resnet50(width_per_group=8, num_classes=5)
-    else:
-        model = torchvision.models.get_model(architecture, weights=None, num_classes=5)
-    for module in model.modules():  # non-trivial BN so that eval mode is not the identity
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+from osscar_opt.adapters.registry import adapter_for, vision_architectures
+from osscar_opt.budget import keep_count
+from osscar_opt.io import META_FILE, WEIGHTS_FILE, read_state_dict
+from osscar_opt.io import torchvision as torchvision_io
+from osscar_opt.pipeline import prune_vision
+from tests.tiny_models import KeepEverything, relative_error
+from tests.tiny_models import images as random_images
+from tests.tiny_models import small_vision_model as small_model
 
 
 def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -39,51 +28,35 @@ def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model(images)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+def channels(model: nn.Module) -> int:
+    return sum(adapter_for(model).internal_channels().values())
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return random_images()
 
 
-@pytest.mark.parametrize("architecture", ["mobilenet_v2", "resnet50"])
-def test_keep_all_reproduces_outputs(architecture, images):
-    model = small_model(architecture)
-    pruned, report = prune_vision(model, images, 0.0, backend="magnitude", batch_size=4)
-    assert report["channels_after"] == report["channels_before"]
-    assert relative_error(outputs(pruned, images), outputs(model, images)) < 1e-5
-    assert not model.training and pruned is not model
-
-
-def zero_half_of_every_unit(model: nn.Module) -> dict[str, list[int]]:
-    """Zero the consumer columns of every odd internal channel; returns the surviving channels."""
-    survivors = {}
-    for name, channels in internal_channels(model).items():
-        consumer = model.get_submodule(name)
-        consumer.weight.data[:, 1::2] = 0.0
-        survivors[name] = list(range(0, channels, 2))
-    return survivors
-
-
-@pytest.mark.parametrize("architecture", ["mobilenet_v2", "resnet50"])
-def test_pruning_zeroed_channels_changes_nothing(architecture, images):
-    model = small_model(architecture, seed=2)
-    survivors = zero_half_of_every_unit(model)
-    pruned, report = prune_vision(model, images, 0.5, backend="magnitude", batch_size=4)
-    for entry in report["layers"]:
-        assert entry["kept_channels"] == survivors[entry["layer"]]
-    assert report["channels_after"] == sum(len(kept) for kept in survivors.values())
-    assert relative_error(outputs(pruned, images), outputs(model, images)) < 1e-5
+def test_prune_vision_prunes_a_copy_and_leaves_the_original_alone(images):
+    model = small_model("mobilenet_v2", seed=1)
+    dense = outputs(model, images)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    pruned, report = prune_vision(model, images, {"channels": 0.5}, backend="magnitude", batch_size=4)
+    assert pruned is not model and not pruned.training and not model.training
+    assert channels(pruned) < channels(model) == sum(record.groups for record in report.layers)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert torch.equal(outputs(model, images), dense)
+    assert report.settings["architecture"] == "mobilenet_v2" and report.settings["family"] == "mobilenet"
+    assert report.settings["budgets"] == {"channels": 0.5} and report.settings["sample_shape"] == [3, 32, 32]
 
 
 def test_resnet18_forward_after_pruning_and_reload(images, tmp_path):
     model = small_model("resnet18")
-    pruned, report = prune_vision(model, images[:4], 0.5, backend="activation")
-    assert [entry["kept"] for entry in report["layers"]] == [
-        channels_to_keep(entry["channels"], 0.5) for entry in report["layers"]
+    pruned, report = prune_vision(model, images[:4], {"channels": 0.5}, backend="activation")
+    assert [record.keep for record in report.layers] == [
+        keep_count(record.groups, 0.5) for record in report.layers
     ]
+    assert all(len(record.kept) == record.keep and record.kind == "channels" for record in report.layers)
     assert pruned.layer1[0].conv1.out_channels == 32 and pruned.layer4[1].conv2.in_channels == 256
     result = outputs(pruned, images)
     assert result.shape == (6, 5) and torch.isfinite(result).all()
@@ -91,20 +64,21 @@ def test_resnet18_forward_after_pruning_and_reload(images, tmp_path):
     save_pruned(pruned, tmp_path / "resnet18")
     reloaded = load_pruned(tmp_path / "resnet18")
     assert torch.equal(outputs(reloaded, images), result)
-    assert internal_channels(reloaded) == internal_channels(pruned)
+    assert adapter_for(reloaded).internal_channels() == adapter_for(pruned).internal_channels()
 
 
 def test_mobilenet_forward_local_search_save_reload(images, tmp_path):
     model = small_model("mobilenet_v2", seed=3)
-    pruned, report = prune_vision(model, images, 0.3, backend="local-search", batch_size=3)
+    pruned, report = prune_vision(model, images, {"channels": 0.3}, backend="local-search", batch_size=3)
     block = pruned.features[2].conv
     assert block[0][0].out_channels == block[1][0].groups == block[1][1].num_features == block[2].in_channels
-    assert block[1][0].groups == channels_to_keep(model.features[2].conv[2].in_channels, 0.3)
-    assert all(entry["loss"] >= entry["loss_all_kept"] * (1 - 1e-9) for entry in report["layers"])
+    assert block[1][0].groups == keep_count(model.features[2].conv[2].in_channels, 0.3)
+    assert all(record.loss >= record.dense_loss * (1 - 1e-9) for record in report.layers)
     result = outputs(pruned, images)
     assert torch.isfinite(result).all()
     meta, state = torchvision_io.export(pruned)
-    assert meta["architecture"] == "mobilenet_v2" and meta["internal_channels"] == internal_channels(pruned)
+    assert meta["architecture"] == "mobilenet_v2"
+    assert meta["internal_channels"] == adapter_for(pruned).internal_channels()
     save_pruned(pruned, tmp_path / "mobilenet")
     assert torch.equal(outputs(load_pruned(tmp_path / "mobilenet"), images), result)
     fresh = torchvision_io.load_weights(torchvision.models.mobilenet_v2(num_classes=5), state).eval()
@@ -112,17 +86,17 @@ def test_mobilenet_forward_local_search_save_reload(images, tmp_path):
 
 
 def test_detects_architectures_from_structure():
-    assert identify(torchvision.models.resnet34())[0] == "resnet34"
-    assert identify(small_model("resnet50"))[0] == "resnet50"
-    assert set(SUPPORTED) == {"resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"}
+    assert adapter_for(torchvision.models.resnet34()).architecture == "resnet34"
+    assert adapter_for(small_model("resnet50")).architecture == "resnet50"
+    assert set(vision_architectures()) == {"resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"}
     assert torchvision_io.handles(small_model("mobilenet_v2"))
     assert not torchvision_io.handles(nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "0.3", True, float("nan")])
 def test_bad_sparsity(sparsity, images):
-    with pytest.raises(ValueError, match="channels_sparsity"):
-        prune_vision(small_model("mobilenet_v2"), images, sparsity)
+    with pytest.raises(ValueError, match=r"budgets\['channels'\]"):
+        prune_vision(small_model("mobilenet_v2"), images, {"channels": sparsity})
 
 
 @pytest.mark.parametrize(
@@ -131,20 +105,22 @@ def test_bad_sparsity(sparsity, images):
     ids=["sequential", "resnet-1111", "squeezenet"],
 )
 def test_unknown_model(model, images):
-    with pytest.raises(ValueError, match="supported: resnet18, resnet34, resnet50, resnet101, mobilenet_v2"):
-        prune_vision(model, images, 0.3)
+    with pytest.raises(ValueError, match="supported: .*resnet18, resnet34, resnet50, resnet101, mobilenet_v2"):
+        prune_vision(model, images, {"channels": 0.3})
 
 
 def test_bad_calibration_and_options(images):
     model = small_model("mobilenet_v2")
-    with pytest.raises(ValueError, match="calibration_images"):
-        prune_vision(model, images[0], 0.3)
-    with pytest.raises(ValueError, match="calibration_images"):
-        prune_vision(model, [], 0.3)
+    with pytest.raises(ValueError, match="calibration"):
+        prune_vision(model, images[0], {"channels": 0.3})
+    with pytest.raises(ValueError, match="calibration"):
+        prune_vision(model, [], {"channels": 0.3})
+    with pytest.raises(ValueError, match="calibration"):
+        prune_vision(model, images.long(), {"channels": 0.3})
     with pytest.raises(ValueError, match="batch_size"):
-        prune_vision(model, images, 0.3, batch_size=0)
+        prune_vision(model, images, {"channels": 0.3}, batch_size=0)
     with pytest.raises(ValueError, match="backend_options"):
-        prune_vision(model, images, 0.3, backend_options=["swap=1"])
+        prune_vision(model, images, {"channels": 0.3}, backend_options=["swap=1"])
 
 
 def test_reload_rejects_foreign_records(tmp_path):
@@ -154,17 +130,24 @@ def test_reload_rejects_foreign_records(tmp_path):
         (folder / META_FILE).write_text(json.dumps({**document, **change}))
         with pytest.raises(ValueError, match=message):
             load_pruned(folder)
-    (folder / torchvision_io.WEIGHTS_FILE).unlink()
+    state = read_state_dict(folder, document)
+    del state["features.2.conv.2.weight"]
+    with pytest.raises(ValueError, match="directory"):  # weights that do not fit the recorded modules
+        torchvision_io.rebuild(document, state, folder)
+    (folder / META_FILE).write_text(json.dumps(document))
+    (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(ValueError, match="directory"):
-        torchvision_io.rebuild(document, folder)
+        load_pruned(folder)
 
 
 def test_refit_bias_adds_a_consumer_bias_that_survives_reload(images, tmp_path):
     model = small_model("mobilenet_v2", seed=4)
-    pruned, _ = prune_vision(model, images, 0.0, backend="magnitude", refit_bias=True)
+    assert model.features[2].conv[2].bias is None
+    pruned, _ = prune_vision(model, images, KeepEverything(), backend="magnitude", refit_bias=True)
     consumer = pruned.features[2].conv[2]
     assert consumer.bias is not None and consumer.bias.abs().max() < 1e-4
     assert relative_error(outputs(pruned, images), outputs(model, images)) < 1e-5
-    pruned_half, _ = prune_vision(model, images, 0.5, backend="greedy", refit_bias=True)
+    pruned_half, _ = prune_vision(model, images, {"channels": 0.5}, backend="greedy", refit_bias=True)
+    assert pruned_half.features[2].conv[2].bias is not None
     save_pruned(pruned_half, tmp_path / "refit")
     assert torch.equal(outputs(load_pruned(tmp_path / "refit"), images), outputs(pruned_half, images))

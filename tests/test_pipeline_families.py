@@ -1,0 +1,106 @@
+"""One ``prune(model, calibration, budgets, backend=...)`` call for transformers and torchvision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import osscar_opt
+from osscar_opt.budget import Budget, keep_count
+from tests.tiny_transformers import output_of, tiny_model, token_ids
+
+
+def small_resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(width_per_group=8, num_classes=5).eval()  # narrow bottlenecks: fast
+
+
+def images(count: int = 6) -> torch.Tensor:
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+CASES = {
+    "bert": (lambda: tiny_model("bert"), token_ids, {"heads": 0.5, "neurons": 0.5}, {"heads", "neurons"}),
+    "llama": (lambda: tiny_model("llama"), token_ids, {"kv_groups": 0.5, "neurons": 0.5}, {"kv_groups", "neurons"}),
+    "resnet50": (small_resnet, images, {"channels": 0.5}, {"channels"}),
+}
+
+
+def run_model(model, calibration):
+    if isinstance(model, torchvision.models.ResNet):
+        with torch.no_grad():
+            return model(calibration)
+    return output_of(model, calibration)
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_one_prune_call_prunes_every_family(family):
+    build, calibration_of, budgets, kinds = CASES[family]
+    model, calibration = build(), calibration_of()
+    parameters = sum(p.numel() for p in model.parameters())
+    report = osscar_opt.prune(model, calibration, budgets, backend="greedy", progress=False)
+    assert {record.kind for record in report.layers} == kinds
+    for record in report.layers:
+        assert record.keep == keep_count(record.groups, 0.5) == len(record.kept)
+        assert record.dense_loss <= record.loss
+    assert sum(p.numel() for p in model.parameters()) < parameters
+    assert torch.isfinite(run_model(model, calibration)).all()
+    assert report.to_dict()["settings"]["budgets"] == budgets
+
+
+class FirstLayerOnly:
+    """A per-layer budget: half of the groups of the first structure, nothing else."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, int]] = []
+
+    def keep(self, name: str, kind: str, num_groups: int) -> int | None:
+        self.asked.append((name, kind, num_groups))
+        return num_groups // 2 if len(self.asked) == 1 else None
+
+    def kinds(self) -> set[str]:
+        return {"heads", "neurons"}
+
+
+def test_a_per_layer_budget_object_plugs_into_the_same_loop():
+    budget = FirstLayerOnly()
+    assert isinstance(budget, Budget)
+    model = tiny_model("bert")
+    report = osscar_opt.prune(model, token_ids(), budget, backend="greedy", progress=False)
+    assert [(r.name, r.keep) for r in report.layers] == [("encoder.layer.0.attention.output.dense", 2)]
+    assert [kind for _, kind, _ in budget.asked] == ["heads", "neurons"] * 2
+
+
+@pytest.mark.parametrize(
+    ("budgets", "message"),
+    [
+        ({"attention": 0.5}, "unknown structure kinds"),
+        ({"channels": 0.5}, r"prune \['channels'\], but this bert model has only"),
+        ({"heads": 1.0}, r"budgets\['heads'\]"),
+        ({"heads": "0.5"}, r"budgets\['heads'\]"),
+        ([0.5], "budgets: expected a mapping"),
+    ],
+)
+def test_bad_budgets_are_refused_before_any_forward_pass(budgets, message):
+    model = tiny_model("bert")
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("a forward pass ran before the budget was checked")
+
+    model.forward = no_forward
+    with pytest.raises(ValueError, match=message):
+        osscar_opt.prune(model, token_ids(), budgets, progress=False)
+
+
+def test_a_budget_for_a_kind_the_model_lacks_is_refused_for_torchvision():
+    with pytest.raises(ValueError, match=r"but this resnet50 model has only \['channels'\]"):
+        osscar_opt.prune(small_resnet(), images(), {"heads": 0.5}, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("num_groups", "sparsity", "keep"),
+    [(5, 0.3, 3), (12, 0.25, 9), (1536, 0.1, 1382), (3, 0.34, 2), (1, 0.9, 1), (10, 0.0, 10)],
+)
+def test_keep_count_removes_the_rounded_share(num_groups, sparsity, keep):
+    assert keep_count(num_groups, sparsity) == keep
