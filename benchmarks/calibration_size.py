@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from osscar_opt import data, evaluate
-from osscar_opt.driver import prune
+from osscar_opt import evaluate
+from osscar_opt.data import text
 from osscar_opt.models import SMOLLM2_NOTE, load_model
+from osscar_opt.pipeline import prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,17 +41,17 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     loaded = load_model("smollm2", device="cpu")
-    texts = data.load_texts(None, "calib", True)
-    eval_data = evaluate.make_eval_data(loaded.tokenizer, data.load_texts(None, "eval", True), True,
+    texts = text.load_texts(None, "calib", True)
+    eval_data = evaluate.make_eval_data(loaded.tokenizer, text.load_texts(None, "eval", True), True,
                                         seq_len=args.seq_len, max_windows=args.perplexity_windows)
     dense = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
     rows: list[dict[str, Any]] = []
     for samples in args.samples:
-        calibration = data.calibration_ids(loaded.tokenizer, texts, samples, args.seq_len)
+        calibration = text.calibration_ids(loaded.tokenizer, texts, samples, args.seq_len)
         for backend in args.backends:
             model = copy.deepcopy(loaded.model)
-            report = prune(model, calibration, heads_sparsity=args.heads_sparsity,
-                           neurons_sparsity=args.neurons_sparsity, backend=backend, progress=False)
+            budgets = {"heads": args.heads_sparsity, "kv_groups": args.heads_sparsity, "neurons": args.neurons_sparsity}
+            report = prune(model, calibration, budgets, backend=backend, progress=False)
             result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
             losses = [layer.relative_loss for layer in report.layers]
             rows.append({"samples": samples, "tokens": samples * args.seq_len, "backend": backend,

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from osscar_opt import data, evaluate
-from osscar_opt.driver import prune
+from osscar_opt import evaluate
+from osscar_opt.data import text
 from osscar_opt.models import SMOLLM2_NOTE, load_model
+from osscar_opt.pipeline import prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("local-search", "greedy", "activation", "magnitude")
@@ -61,9 +62,9 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
     spec = None if name == "minilm" else "smollm2"
     loaded = load_model(spec, device="cpu")
     samples = args.minilm_samples if name == "minilm" else args.smollm2_samples
-    calibration = data.calibration_ids(loaded.tokenizer, data.load_texts(None, "calib", loaded.causal), samples,
+    calibration = text.calibration_ids(loaded.tokenizer, text.load_texts(None, "calib", loaded.causal), samples,
                                        args.seq_len)
-    eval_data = evaluate.make_eval_data(loaded.tokenizer, data.load_texts(None, "eval", loaded.causal),
+    eval_data = evaluate.make_eval_data(loaded.tokenizer, text.load_texts(None, "eval", loaded.causal),
                                         loaded.causal, seq_len=args.seq_len, max_windows=args.perplexity_windows)
     dense = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
     rows.append(row(loaded.name, "dense", "-", dense, 0.0))
@@ -72,8 +73,9 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
         for backend in args.backends:
             options = json.loads(args.smollm2_local_search) if (backend == "local-search" and loaded.causal) else {}
             model = copy.deepcopy(loaded.model)
-            report = prune(model, calibration, heads_sparsity=heads, neurons_sparsity=neurons, backend=backend,
-                           backend_options=options, batch_size=8, progress=False)
+            budgets = {"heads": heads, "kv_groups": heads, "neurons": neurons}
+            report = prune(model, calibration, budgets, backend=backend, backend_options=options, batch_size=8,
+                           progress=False)
             result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
             rows.append(row(loaded.name, label, backend, result, report.seconds, neurons=neurons, options=options))
             save()

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from osscar_opt import vision_data
-from osscar_opt.vision import channels_to_keep, identify, prune_vision
+from osscar_opt.adapters.registry import adapter_for
+from osscar_opt.budget import keep_count
+from osscar_opt.data import digits as vision_data
+from osscar_opt.pipeline import prune_vision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("local-search", "greedy", "activation", "magnitude", "torch-pruning")
@@ -60,17 +62,15 @@ def torch_pruning_peer(model: nn.Module, sparsity: float, image: torch.Tensor) -
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
-    _, family = identify(pruned)
     graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=image)
     importance = tp.importance.MagnitudeImportance(p=2)
-    for stage in family.stages(pruned):
-        for unit in stage.units:
-            producer = stage.module.get_submodule(unit.producers[0])
-            channels = producer.out_channels
-            group = graph.get_pruning_group(producer, tp.prune_conv_out_channels, idxs=list(range(channels)))
-            scores = importance(group)
-            drop = torch.argsort(scores)[: channels - channels_to_keep(channels, sparsity)].tolist()
-            graph.get_pruning_group(producer, tp.prune_conv_out_channels, idxs=drop).prune()
+    for structure in adapter_for(pruned).structures():
+        producer = structure.producers[0].module
+        channels = producer.out_channels
+        group = graph.get_pruning_group(producer, tp.prune_conv_out_channels, idxs=list(range(channels)))
+        scores = importance(group)
+        drop = torch.argsort(scores)[: channels - keep_count(channels, sparsity)].tolist()
+        graph.get_pruning_group(producer, tp.prune_conv_out_channels, idxs=drop).prune()
     return pruned
 
 
@@ -102,7 +102,8 @@ def run_architecture(architecture: str, sparsities: list[float], samples: int, e
             if method == "torch-pruning":
                 pruned = torch_pruning_peer(model, sparsity, image)
             else:
-                pruned, _ = prune_vision(model, calibration, sparsity, backend=method, batch_size=32)
+                pruned, _ = prune_vision(model, calibration, {"channels": sparsity}, backend=method, batch_size=32,
+                                         progress=False)
             seconds = time.perf_counter() - start
             row = {"architecture": architecture, "method": method, "sparsity": sparsity, "prune_seconds": seconds,
                    **measure(pruned, test, image, batch)}
