@@ -4,48 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 
 import osscar_opt
 from osscar_opt.budget import Budget, keep_count
-from tests.tiny_transformers import output_of, tiny_model, token_ids
+from tests.tiny_models import build, calibration, images, output
+from tests.tiny_transformers import tiny_model, token_ids
 
-
-def small_resnet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet50(width_per_group=8, num_classes=5).eval()  # narrow bottlenecks: fast
-
-
-def images(count: int = 6) -> torch.Tensor:
-    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-CASES = {
-    "bert": (lambda: tiny_model("bert"), token_ids, {"heads": 0.5, "neurons": 0.5}, {"heads", "neurons"}),
-    "llama": (lambda: tiny_model("llama"), token_ids, {"kv_groups": 0.5, "neurons": 0.5}, {"kv_groups", "neurons"}),
-    "resnet50": (small_resnet, images, {"channels": 0.5}, {"channels"}),
+CASES = {  # the three: BERT heads, LLaMA GQA key-value groups, ResNet channels
+    "bert": ({"heads": 0.5, "neurons": 0.5}, {"heads", "neurons"}),
+    "llama": ({"kv_groups": 0.5, "neurons": 0.5}, {"kv_groups", "neurons"}),
+    "resnet50": ({"channels": 0.5}, {"channels"}),
 }
-
-
-def run_model(model, calibration):
-    if isinstance(model, torchvision.models.ResNet):
-        with torch.no_grad():
-            return model(calibration)
-    return output_of(model, calibration)
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_one_prune_call_prunes_every_family(family):
-    build, calibration_of, budgets, kinds = CASES[family]
-    model, calibration = build(), calibration_of()
+    budgets, kinds = CASES[family]
+    model, data = build(family), calibration(family)
     parameters = sum(p.numel() for p in model.parameters())
-    report = osscar_opt.prune(model, calibration, budgets, backend="greedy", progress=False)
+    report = osscar_opt.prune(model, data, budgets, backend="greedy", progress=False)
     assert {record.kind for record in report.layers} == kinds
     for record in report.layers:
         assert record.keep == keep_count(record.groups, 0.5) == len(record.kept)
         assert record.dense_loss <= record.loss
     assert sum(p.numel() for p in model.parameters()) < parameters
-    assert torch.isfinite(run_model(model, calibration)).all()
+    assert torch.isfinite(output(model, data)).all()
     assert report.to_dict()["settings"]["budgets"] == budgets
 
 
@@ -95,7 +78,7 @@ def test_bad_budgets_are_refused_before_any_forward_pass(budgets, message):
 
 def test_a_budget_for_a_kind_the_model_lacks_is_refused_for_torchvision():
     with pytest.raises(ValueError, match=r"but this resnet50 model has only \['channels'\]"):
-        osscar_opt.prune(small_resnet(), images(), {"heads": 0.5}, progress=False)
+        osscar_opt.prune(build("resnet50"), images(), {"heads": 0.5}, progress=False)
 
 
 @pytest.mark.parametrize(
