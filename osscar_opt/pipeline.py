@@ -139,6 +139,11 @@ class _StagePruner:
         keep = self.budget.keep(structure.name, structure.kind, structure.num_groups)
         if keep is None:
             return None
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= structure.num_groups:
+            raise ValueError(
+                f"budgets: keep for {structure.name} must be an integer in [1, {structure.num_groups}] "
+                f"(or None to leave it alone), got {keep!r}"
+            )
         start = time.perf_counter()
         consumer = structure.consumer
         accumulator = self.calibrate(structure, pruned_in, calls, targets)

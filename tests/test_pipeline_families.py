@@ -87,3 +87,20 @@ def test_a_budget_for_a_kind_the_model_lacks_is_refused_for_torchvision():
 )
 def test_keep_count_removes_the_rounded_share(num_groups, sparsity, keep):
     assert keep_count(num_groups, sparsity) == keep
+
+
+class FixedKeep:
+    def __init__(self, keep) -> None:
+        self.value = keep
+
+    def keep(self, name: str, kind: str, num_groups: int):
+        return self.value
+
+    def kinds(self) -> set[str]:
+        return {"heads", "neurons"}
+
+
+@pytest.mark.parametrize("keep", [0, 5, 2.0, True])
+def test_a_budget_object_returning_a_bad_keep_is_refused_naming_the_layer(keep):
+    with pytest.raises(ValueError, match=r"budgets: keep for encoder.layer.0.attention.output.dense must be"):
+        osscar_opt.prune(tiny_model("bert"), token_ids(), FixedKeep(keep), progress=False)
