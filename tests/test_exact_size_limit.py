@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from osscar_opt import StatsAccumulator, solve
+from osscar_opt.backends._gurobi_licence import default_licence_is_restricted
 from tests.helpers import random_problem
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gurobipy") is None, reason="gurobipy is not installed")
@@ -18,17 +19,6 @@ SENTENCES = [
     "Open the file and return a corresponding file object; raise OSError on failure.",
     "A context manager that temporarily redirects standard output to another stream.",
 ]
-
-
-def _licence_is_size_limited() -> bool:
-    from osscar_opt.backends._gurobi_licence import environment as _environment
-    from osscar_opt.backends._gurobi_licence import licence_is_restricted as _licence_is_restricted
-
-    env, _ = _environment({})
-    try:
-        return _licence_is_restricted(env)
-    finally:
-        env.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +42,7 @@ def minilm_heads_problem():
 
 
 def test_miqp_on_a_real_layer_reports_the_licence_limit(minilm_heads_problem):
-    if not _licence_is_size_limited():
+    if not default_licence_is_restricted():
         pytest.skip("a full Gurobi licence is installed: the size limit does not apply")
     from osscar_opt.backends._gurobi_licence import GurobiSizeLimitError
 
@@ -74,7 +64,7 @@ def test_outer_approximation_fits_the_licence_on_the_same_layer(minilm_heads_pro
 
 
 def test_size_limit_raised_by_gurobi_itself_is_translated():
-    if not _licence_is_size_limited():
+    if not default_licence_is_restricted():
         pytest.skip("a full Gurobi licence is installed: the size limit does not apply")
     from osscar_opt.backends._gurobi_licence import GurobiSizeLimitError
 
