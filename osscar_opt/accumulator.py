@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from osscar_opt.problem import GroupsLike, LayerProblem
+from osscar_opt.problem import GroupsLike, LayerProblem, Moments, reconstruction_moments
 
 
 class StatsAccumulator:
@@ -94,3 +94,85 @@ class StatsAccumulator:
             self.xtx, self.x_sum, self.rows, W, groups, targets=targets, damp=damp, bias=bias,
             refit_bias=refit_bias, meta=meta,
         )
+
+    def moments(self, W, *, bias=None, refit_bias: bool = False) -> Moments:
+        """The raw (un-ridged) :class:`~osscar_opt.problem.Moments` of these rows for weight ``W`` (m x p).
+
+        Same conventions as :meth:`problem` (``bias`` included in tracked targets; ``refit_bias``
+        appends the constant-1 column); used as held-out statistics.
+        """
+        if self.rows == 0:
+            raise ValueError("X: no calibration rows were accumulated")
+        W = torch.as_tensor(W).to(self.device, torch.float64)
+        if W.dim() != 2 or W.shape[1] != self.num_inputs:
+            raise ValueError(f"W: expected shape (m, {self.num_inputs}), got {tuple(W.shape)}")
+        targets = None if self.num_outputs is None else (self.xty, self.y_sum, self.y_square)
+        b = None if bias is None else torch.as_tensor(bias).to(self.device, torch.float64)
+        return reconstruction_moments(
+            self.xtx, self.x_sum, self.rows, W, targets=targets, bias=b, refit_bias=refit_bias
+        )
+
+    def merged(self, other: StatsAccumulator) -> StatsAccumulator:
+        """A new accumulator holding the rows of ``self`` and ``other`` (same shapes)."""
+        if (other.num_inputs, other.num_outputs) != (self.num_inputs, self.num_outputs):
+            raise ValueError("other: accumulators of different shapes cannot be merged")
+        total = StatsAccumulator(self.num_inputs, self.num_outputs, device=self.device)
+        total.xtx = self.xtx + other.xtx.to(self.device)
+        total.x_sum = self.x_sum + other.x_sum.to(self.device)
+        total.rows = self.rows + other.rows
+        if self.num_outputs is not None:
+            total.xty = self.xty + other.xty.to(self.device)
+            total.y_sum = self.y_sum + other.y_sum.to(self.device)
+            total.y_square = self.y_square + other.y_square
+        return total
+
+
+class SplitAccumulator:
+    """Fit and held-out :class:`StatsAccumulator` s, split by calibration *sample*.
+
+    Sample ``i`` (counted over all batches in order) is held out when ``i % every == every - 1``;
+    whole samples (sequences, images) are held out, so held-out rows are not neighbours of fit rows.
+    """
+
+    def __init__(self, num_inputs: int, num_outputs: int | None = None, device=None, every: int = 4) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+            raise ValueError(f"every: expected an integer >= 2, got {every!r}")
+        self.fit = StatsAccumulator(num_inputs, num_outputs, device)
+        self.heldout = StatsAccumulator(num_inputs, num_outputs, device)
+        self.every = every
+        self.samples = 0
+
+    def heldout_mask(self, count: int) -> torch.Tensor:
+        """Which of the next ``count`` samples are held out (bool, (count,))."""
+        index = torch.arange(self.samples, self.samples + count)
+        return index % self.every == self.every - 1
+
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor | None, *, input_rows, output_rows=None) -> None:
+        """Add a batch whose first dimension is the sample: ``input_rows`` / ``output_rows`` turn
+        a slice of ``inputs`` / ``targets`` into accumulator rows (a structure's row maps)."""
+        count = inputs.shape[0]
+        if targets is not None and targets.shape[0] != count:
+            raise ValueError(f"targets: has {targets.shape[0]} samples but the inputs have {count}")
+        mask = self.heldout_mask(count).to(inputs.device)
+        self.samples += count
+        for part, selected in ((self.fit, ~mask), (self.heldout, mask)):
+            if bool(selected.any()):
+                part.add(input_rows(inputs[selected]), None if targets is None else output_rows(targets[selected]))
+
+    def merged(self) -> StatsAccumulator:
+        """All rows, fit and held-out together (the one-shot statistics)."""
+        return self.fit.merged(self.heldout)
+
+
+DAMP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+
+
+def choose_damp(
+    fit: Moments, heldout: Moments, columns: torch.Tensor, *, grid=DAMP_GRID
+) -> tuple[float, dict[float, float]]:
+    """The ridge (relative ``damp``) from ``grid`` whose re-fit of the kept ``columns`` on the
+    ``fit`` rows has the lowest ``heldout`` error ``||Y - X B^T||^2``; returns it and every grid
+    point's error (the first of equal errors wins)."""
+    errors = {float(damp): heldout.error_on(columns, fit.ridge_fit(columns, damp)) for damp in grid}
+    best = min(errors, key=lambda damp: errors[damp])
+    return best, errors

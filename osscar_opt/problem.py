@@ -19,6 +19,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,6 +106,108 @@ def group_of_column_from(groups: GroupsLike, num_columns: int) -> torch.Tensor:
     return labels
 
 
+@dataclass
+class Moments:
+    """Raw (un-ridged) least-squares moments of one layer over a set of calibration rows.
+
+    ``xtx`` is ``X^T X`` (p x p), ``xty`` is ``X^T Y`` (p x m) and ``y_square`` is ``||Y||_F^2``,
+    where ``X`` has the same columns as the problem (the constant-1 bias column included when the
+    bias is re-fit) and ``Y`` is the part of the target the kept weights reconstruct. ``anchor``
+    ``(m, p)`` is what the ridge pulls the weights towards (the current weight, and bias);
+    ``inputs`` is the number of input columns (``p`` without the bias column).
+    A held-out :class:`Moments` measures how a support's re-fit weights generalize
+    (:meth:`error`); :meth:`LayerProblem.from_moments` adds the ridge to the fit rows' moments.
+    """
+
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    y_square: float
+    rows: int
+    anchor: torch.Tensor
+    inputs: int
+
+    def error(self, full_weights: torch.Tensor) -> float:
+        """``||Y - X B^T||_F^2`` for weights ``B`` (m x p, bias column included), float64."""
+        B = full_weights.to(self.xtx.device, torch.float64)
+        if B.shape != self.anchor.shape:
+            raise ValueError(f"full_weights: expected shape {tuple(self.anchor.shape)}, got {tuple(B.shape)}")
+        columns = torch.nonzero(B.abs().sum(0)).flatten()
+        return self.error_on(columns, B[:, columns].T)
+
+    def error_on(self, columns: torch.Tensor, kept_t: torch.Tensor) -> float:
+        """:meth:`error` of weights that are ``kept_t.T`` (m x |columns|) on ``columns`` and 0 elsewhere."""
+        if columns.numel() == 0:
+            return self.y_square
+        xtx = self.xtx[columns][:, columns]
+        return (
+            self.y_square - 2.0 * float((kept_t * self.xty[columns]).sum()) + float(((xtx @ kept_t) * kept_t).sum())
+        )
+
+    @property
+    def ridge_scale(self) -> float:
+        """``mean(diag(X^T X))`` over the input columns (the bias column left out): ``lam = damp * this``."""
+        return float(torch.diagonal(self.xtx)[: self.inputs].mean())
+
+    def ridge_fit(self, columns: torch.Tensor, damp: float) -> torch.Tensor:
+        """Kept weights ``(|columns|, m)`` (transposed) of the ridge fit on ``columns`` at relative ``damp``."""
+        scale = self.ridge_scale
+        lam = damp * scale if scale > 0 else float(damp)
+        H = self.xtx[columns][:, columns] + lam * torch.eye(len(columns), dtype=torch.float64, device=self.xtx.device)
+        G = self.xty[columns] + lam * self.anchor[:, columns].T
+        return torch.cholesky_solve(G, torch.linalg.cholesky(H))
+
+    def to(self, device: torch.device | str | None = None) -> Moments:
+        return Moments(
+            self.xtx.to(device), self.xty.to(device), self.y_square, self.rows, self.anchor.to(device), self.inputs
+        )
+
+
+def reconstruction_moments(
+    xtx: torch.Tensor,
+    x_sum: torch.Tensor,
+    rows: int,
+    W: torch.Tensor,
+    *,
+    targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    bias: torch.Tensor | None = None,
+    refit_bias: bool = False,
+) -> Moments:
+    """The :class:`Moments` of a layer with weight ``W`` (m x p, float64) from input moments.
+
+    ``xtx`` (p x p), ``x_sum`` (p,) and ``rows`` describe the inputs; ``targets`` is ``(X^T Y,
+    column sums of Y, ||Y||^2)`` of tracked targets (which include ``bias``), or None for
+    ``Y = X W^T + bias``. Without ``refit_bias`` the bias is subtracted from the targets and kept
+    as is; with it a constant-1 column is appended whose weight is the new bias.
+    """
+    m, p = W.shape
+    device = xtx.device
+    b = torch.zeros(m, dtype=torch.float64, device=device) if bias is None else bias.to(device, torch.float64)
+    n = float(rows)
+    if targets is None:
+        xty = xtx @ W.T
+        y_sum = W @ x_sum
+        y_square = float((W @ xtx * W).sum())
+    else:
+        xty, y_sum, y_square = targets
+        if bias is not None:
+            # The tracked targets contain the bias: subtract it from every row.
+            xty = xty - torch.outer(x_sum, b)
+            y_square = y_square - 2.0 * float(b @ y_sum) + n * float(b @ b)
+            y_sum = y_sum - n * b
+    if not refit_bias:
+        return Moments(xtx, xty, float(y_square), int(rows), W, p)
+    # Augmented column of ones, its weight is the bias: targets are (Y - b) + b = Y_full.
+    xtx_full = torch.zeros((p + 1, p + 1), dtype=torch.float64, device=device)
+    xtx_full[:p, :p] = xtx
+    xtx_full[:p, p] = x_sum
+    xtx_full[p, :p] = x_sum
+    xtx_full[p, p] = n
+    xty_full = torch.cat([xty + torch.outer(x_sum, b), (y_sum + n * b)[None, :]], dim=0)
+    y_full_square = y_square + 2.0 * float(b @ y_sum) + n * float(b @ b)
+    anchor = torch.cat([W, b[:, None]], dim=1)
+    return Moments(xtx_full, xty_full, float(y_full_square), int(rows), anchor, p)
+
+
 class LayerProblem:
     """One layer's pruning problem: ``H`` (p x p), ``G`` (p x m), ``c0`` and the groups.
 
@@ -122,6 +225,11 @@ class LayerProblem:
         meta: free-form string metadata (layer name, structure kind), saved with the problem.
         keep: the budget (number of kept groups) the problem was solved with by the pipeline, or
             None; saved with the problem as an integer so that ``osscar solve`` / ``certify`` re-use it.
+        input_var: ``(p_in,)`` variance of each input column over the calibration rows (FLAP's
+            fluctuation), or None.
+        heldout: :class:`Moments` of held-out calibration rows (not in ``H``), or None; backends
+            that produce several candidate supports may pick the one whose re-fit weights have the
+            lowest held-out error (``pipeline.prune(damp="auto")`` sets it).
     """
 
     def __init__(
@@ -137,6 +245,8 @@ class LayerProblem:
         has_bias_column: bool = False,
         meta: Mapping[str, str] | None = None,
         keep: int | None = None,
+        input_var: torch.Tensor | None = None,
+        heldout: Moments | None = None,
         validate: bool = True,
     ) -> None:
         self.H = H
@@ -148,6 +258,8 @@ class LayerProblem:
         self.weight = weight
         self.has_bias_column = bool(has_bias_column)
         self.meta: dict[str, str] = {str(k): str(v) for k, v in (meta or {}).items()}
+        self.input_var = input_var
+        self.heldout = heldout
         if validate:
             self._validate()
         self._groups = [
@@ -230,57 +342,24 @@ class LayerProblem:
             if b.shape[0] != m:
                 raise ValueError(f"bias: expected {m} entries, got {b.shape[0]}")
         labels = group_of_column_from(groups, p)
-
-        xtx_diag = torch.diagonal(xtx).clone()
-        mean_energy = float(xtx_diag.mean())
+        moments = reconstruction_moments(xtx, x_sum, rows, W, targets=targets, bias=b if bias is not None else None,
+                                         refit_bias=refit_bias)
+        xtx_diag = torch.diagonal(moments.xtx).clone()
+        mean_energy = float(torch.diagonal(xtx).mean())
         lam = damp * mean_energy if mean_energy > 0 else float(damp)
-        n = float(rows)
-
-        # X^T Y and ||Y||^2 for the part of Y the kept weights reconstruct, and the Y column sums.
-        if targets is None:
-            xty = xtx @ W.T
-            y_sum = W @ x_sum
-            y_square = float((W @ xtx * W).sum())
-        else:
-            xty, y_sum, y_square = targets
-            if bias is not None:
-                # The tracked targets contain the bias: subtract it from every row.
-                xty = xty - torch.outer(x_sum, b)
-                y_square = y_square - 2.0 * float(b @ y_sum) + n * float(b @ b)
-                y_sum = y_sum - n * b
-        if not refit_bias:
-            H = xtx + lam * torch.eye(p, dtype=torch.float64, device=xtx.device)
-            G = xty + lam * W.T
-            c0 = y_square + lam * float(W.square().sum())
-            return cls(
-                H, G, c0, labels.to(xtx.device), lam=lam, xtx_diag=xtx_diag, weight=W, meta=meta
-            )
-        # Augmented column of ones, its weight is the bias: targets are (Y - b) + b = Y_full.
-        H = torch.zeros((p + 1, p + 1), dtype=torch.float64, device=xtx.device)
-        H[:p, :p] = xtx
-        H[:p, p] = x_sum
-        H[p, :p] = x_sum
-        H[p, p] = n
-        H += lam * torch.eye(p + 1, dtype=torch.float64, device=xtx.device)
-        y_full_sum = y_sum + n * b
-        xty_full = xty + torch.outer(x_sum, b)
-        G = torch.cat([xty_full, y_full_sum[None, :]], dim=0)
-        W_aug = torch.cat([W, b[:, None]], dim=1)
-        G = G + lam * W_aug.T
-        y_full_square = y_square + 2.0 * float(b @ y_sum) + n * float(b @ b)
-        c0 = y_full_square + lam * float(W_aug.square().sum())
-        labels_aug = torch.cat([labels, torch.tensor([-1], dtype=torch.int64)])
-        xtx_diag_aug = torch.cat([xtx_diag, torch.tensor([n], dtype=torch.float64, device=xtx.device)])
+        columns = moments.xtx.shape[0]
+        H = moments.xtx + lam * torch.eye(columns, dtype=torch.float64, device=xtx.device)
+        G = moments.xty + lam * moments.anchor.T
+        c0 = moments.y_square + lam * float(moments.anchor.square().sum())
+        if refit_bias:
+            labels = torch.cat([labels, torch.tensor([-1], dtype=torch.int64)])
+        input_var = None
+        if rows > 0:
+            mean = x_sum / float(rows)
+            input_var = (torch.diagonal(xtx) / float(rows) - mean.square()).clamp_min(0.0)
         return cls(
-            H,
-            G,
-            c0,
-            labels_aug.to(xtx.device),
-            lam=lam,
-            xtx_diag=xtx_diag_aug,
-            weight=W,
-            has_bias_column=True,
-            meta=meta,
+            H, G, c0, labels.to(xtx.device), lam=lam, xtx_diag=xtx_diag, weight=W,
+            has_bias_column=refit_bias, meta=meta, input_var=input_var,
         )
 
     @classmethod
@@ -351,6 +430,16 @@ class LayerProblem:
             raise ValueError(f"weight: expected {G.shape[1]} rows (m), got {tuple(self.weight.shape)}")
         if self.c0 < -1e-9 * max(1.0, abs(self.c0)):
             raise ValueError(f"c0: must be >= 0 (a sum of squares), got {self.c0}")
+        p_in = p - int(self.has_bias_column)
+        if self.input_var is not None and self.input_var.shape != (p_in,):
+            raise ValueError(f"input_var: expected shape ({p_in},), got {tuple(self.input_var.shape)}")
+        if self.heldout is not None and (
+            self.heldout.xtx.shape != (p, p) or self.heldout.xty.shape != G.shape
+        ):
+            raise ValueError(
+                f"heldout: expected moments of shapes ({p}, {p}) and {tuple(G.shape)}, got "
+                f"{tuple(self.heldout.xtx.shape)} and {tuple(self.heldout.xty.shape)}"
+            )
 
     # ------------------------------------------------------------------ sizes and groups
     @property
@@ -439,7 +528,9 @@ class LayerProblem:
         if columns.numel() == 0:
             loss = self.c0
         else:
-            loss = self.c0 - float((self.G[columns].to(torch.float64) * kept_t).sum())
+            # A sum of squares: a negative value is round-off (e.g. every column kept when the
+            # target is the layer's own output), reported as 0.
+            loss = max(0.0, self.c0 - float((self.G[columns].to(torch.float64) * kept_t).sum()))
             full[:, columns] = kept_t.T
         bias = full[:, -1] if self.has_bias_column else None
         return loss, full[:, : self.num_inputs], bias
@@ -450,7 +541,7 @@ class LayerProblem:
         if columns.numel() == 0:
             return self.c0
         explained = float((self.G[columns].to(torch.float64) * kept_t).sum())
-        return self.c0 - explained
+        return max(0.0, self.c0 - explained)  # negative only by round-off
 
     def full_weights(self, support: Iterable[int]) -> torch.Tensor:
         """Optimal ``(m, p)`` weight over all problem columns (bias column included), float64."""
@@ -471,6 +562,12 @@ class LayerProblem:
         if not self.has_bias_column:
             return None
         return self.full_weights(support)[:, -1]
+
+    def heldout_error(self, support: Iterable[int]) -> float | None:
+        """Held-out ``||Y - X B^T||^2`` of the weights re-fit on ``support`` (None without held-out rows)."""
+        if self.heldout is None:
+            return None
+        return self.heldout.error(self.full_weights(support))
 
     def reference_weight(self) -> torch.Tensor:
         """The original weight ``(m, p_in)``; without one, the unpruned least-squares fit."""
@@ -497,6 +594,8 @@ class LayerProblem:
             has_bias_column=self.has_bias_column,
             meta=self.meta,
             keep=self.keep,
+            input_var=move(self.input_var),
+            heldout=None if self.heldout is None else self.heldout.to(device),
             validate=False,
         )
 
@@ -515,6 +614,11 @@ class LayerProblem:
             tensors["weight"] = self.weight.detach().to("cpu", torch.float64).contiguous()
         if self.keep is not None:
             tensors["keep"] = torch.tensor(self._checked_keep(self.keep), dtype=torch.int64)
+        if self.input_var is not None:
+            tensors["input_var"] = self.input_var.detach().to("cpu", torch.float64).contiguous()
+        if self.heldout is not None:
+            for key in ("xtx", "xty", "anchor"):
+                tensors[f"heldout.{key}"] = getattr(self.heldout, key).detach().to("cpu", torch.float64).contiguous()
         metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -523,6 +627,10 @@ class LayerProblem:
             "has_bias_column": "1" if self.has_bias_column else "0",
             "meta": json.dumps(self.meta, sort_keys=True),
         }
+        if self.heldout is not None:
+            metadata["heldout.y_square"] = repr(self.heldout.y_square)
+            metadata["heldout.rows"] = str(self.heldout.rows)
+            metadata["heldout.inputs"] = str(self.heldout.inputs)
         path = Path(path)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -556,6 +664,12 @@ class LayerProblem:
             has_bias_column = metadata["has_bias_column"] == "1"
             meta = json.loads(metadata.get("meta", "{}"))
             H, G, labels = tensors["H"], tensors["G"], tensors["group_of_column"]
+            heldout = None
+            if "heldout.xtx" in tensors:
+                heldout = Moments(
+                    tensors["heldout.xtx"], tensors["heldout.xty"], float(metadata["heldout.y_square"]),
+                    int(metadata["heldout.rows"]), tensors["heldout.anchor"], int(metadata["heldout.inputs"]),
+                )
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
@@ -574,6 +688,8 @@ class LayerProblem:
             has_bias_column=has_bias_column,
             meta=meta,
             keep=_saved_keep(path, tensors.get("keep")),
+            input_var=tensors.get("input_var"),
+            heldout=heldout,
         )
 
     @property
