@@ -196,6 +196,18 @@ def _perturb(state: KeptSet, dead: torch.Tensor, count: int, generator: torch.Ge
     state.add_groups(add.tolist())
 
 
+def _heldout_choice(problem: LayerProblem, candidates: dict[str, tuple[int, ...]]) -> tuple[tuple[int, ...], dict]:
+    """The candidate support whose re-fit weights have the lowest held-out error (first on ties)."""
+    errors: dict[tuple[int, ...], float] = {}
+    chosen, label = None, ""
+    for name, support in candidates.items():
+        if support not in errors:
+            errors[support] = float(problem.heldout_error(support))
+            if chosen is None or errors[support] < errors[chosen]:
+                chosen, label = support, name
+    return chosen, {"heldout_candidate": label, "heldout_candidates": len(errors), "heldout_error": errors[chosen]}
+
+
 def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
     """OSSCAR local combinatorial search: staged removal + exact swap moves + restarts.
 
@@ -242,10 +254,12 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
         state, dead, swap_candidates=swap_candidates, refresh_every=refresh_every, tolerance=tolerance
     )
     restarts_run = 0
+    candidates = {"removal": state.support()}
     if 0 < keep < num_groups and max_swaps > 0:
         state.track_outside()
         _swap_loop(search, swap_size, max_swaps, deadline)
         best_support, best_loss = state.support(), state.loss
+        candidates["swaps"] = best_support
         generator = torch.Generator().manual_seed(seed)
         stale = 0
         for _ in range(restarts):
@@ -254,13 +268,31 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
             _perturb(state, dead, max(1, (min(keep, removal_count) + 1) // 2), generator)
             _swap_loop(search, swap_size, max_swaps, deadline)
             restarts_run += 1
+            candidates[f"restart {restarts_run}"] = state.support()
             if search.improves(state.loss, best_loss):
                 best_support, best_loss, stale = state.support(), state.loss, 0
             else:
                 stale += 1
+        if small and warm_start is None and stages < removal_count:
+            # Small layers: also descend one group per stage (greedy) and swap from there; the
+            # two descents end in different 1-swap optima often enough to be worth milliseconds.
+            greedy_state = KeptSet(problem, range(num_groups), device=device, dtype=dtype)
+            staged_removal(greedy_state, keep, removal_count, dead, deadline)
+            greedy_state.track_outside()
+            greedy_search = SwapSearch(
+                greedy_state, dead, swap_candidates=swap_candidates, refresh_every=refresh_every,
+                tolerance=tolerance,
+            )
+            _swap_loop(greedy_search, swap_size, max_swaps, deadline)
+            candidates["greedy descent"] = greedy_state.support()
+            if search.improves(greedy_state.loss, best_loss):
+                best_support, best_loss = greedy_state.support(), greedy_state.loss
         support = best_support
     else:
         support = state.support()
+    heldout_info = {}
+    if problem.heldout is not None:
+        support, heldout_info = _heldout_choice(problem, candidates)
     info = {
         "stages": len(path) - 1,
         "loss_after_removal": after_removal,
@@ -270,6 +302,7 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
         "restarts_run": restarts_run,
         "device": str(state.device),
         "dtype": str(dtype).replace("torch.", ""),
+        **heldout_info,
     }
     status = "heuristic"
     if deadline is not None and time.perf_counter() > deadline:
