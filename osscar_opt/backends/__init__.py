@@ -20,6 +20,7 @@ _BUILTIN: dict[str, str] = {
     "greedy": "osscar_opt.backends.greedy:GreedyBackend",
     "magnitude": "osscar_opt.backends.magnitude:MagnitudeBackend",
     "activation": "osscar_opt.backends.activation:ActivationBackend",
+    "fluctuation": "osscar_opt.backends.fluctuation:FluctuationBackend",
     "enumerate": "osscar_opt.backends.enumerate:EnumerateBackend",
     "gurobi": "osscar_opt.backends.gurobi:GurobiBackend",
     "cvxpy": "osscar_opt.backends.cvxpy:CvxpyBackend",
