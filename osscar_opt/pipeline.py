@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from osscar_opt.accumulator import StatsAccumulator
+from osscar_opt.accumulator import SplitAccumulator, StatsAccumulator, choose_damp
 from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
 from osscar_opt.adapters.registry import adapter_for
 from osscar_opt.budget import Budget, as_budget
@@ -44,6 +44,10 @@ class LayerRecord:
 
     Losses are the layer problem's (squared reconstruction error plus ridge term, summed over
     calibration rows); ``relative_loss`` is ``loss / c0`` (``c0``: the loss of keeping nothing).
+    ``damp`` is the ridge the kept weights were re-fit with. Under ``damp="auto"``,
+    ``heldout_relative_loss`` is the held-out samples' error of weights fit on the other samples,
+    over the held-out error of keeping nothing, and ``heldout_candidate`` names the local-search
+    candidate the held-out rows chose (None for backends with one candidate).
     """
 
     stage: int
@@ -59,6 +63,9 @@ class LayerRecord:
     status: str
     solve_seconds: float
     calibration_seconds: float
+    damp: float = 0.0
+    heldout_relative_loss: float | None = None
+    heldout_candidate: str | None = None
 
 
 @dataclass
@@ -73,13 +80,27 @@ class PruneReport:
         return {"settings": self.settings, "seconds": self.seconds, "layers": [asdict(r) for r in self.layers]}
 
 
+TARGETS = ("pruned-input", "dense-output")
+DEFAULT_TARGET = "pruned-input"
+DEFAULT_DAMP: float | str = 1e-2
+# damp="auto": every HELDOUT_EVERY-th calibration sample is held out; the support is searched at
+# ridge SEARCH_DAMP, the re-fit ridge is chosen from accumulator.DAMP_GRID on the held-out samples.
+HELDOUT_EVERY = 4
+SEARCH_DAMP = 1e-2
+
+
 @dataclass
 class _Options:
     backend: str
     backend_options: dict[str, Any]
     refit_bias: bool
-    damp: float
+    damp: float | str
     save_problems: Path | None
+    target: str = DEFAULT_TARGET
+
+    @property
+    def split(self) -> bool:
+        return self.damp == "auto"
 
 
 def _record_io(module: nn.Module, store: list, what: str):
@@ -89,6 +110,19 @@ def _record_io(module: nn.Module, store: list, what: str):
         store.append((inputs[0] if what == "input" else output).detach())
 
     return module.register_forward_hook(hook)
+
+
+def _by_sample(tensor: torch.Tensor, samples: int, name: str) -> torch.Tensor:
+    """``tensor`` with the sample index first: layers that see a batch flattened to
+    ``(samples * positions, features)`` (OPT's MLP) are reshaped to ``(samples, positions, features)``."""
+    if tensor.shape[0] == samples:
+        return tensor
+    if tensor.dim() == 2 and tensor.shape[0] % samples == 0:
+        return tensor.reshape(samples, -1, tensor.shape[1])
+    raise RuntimeError(
+        f"{name}: its input has shape {tuple(tensor.shape)} for a batch of {samples} samples; "
+        "damp='auto' needs layer inputs whose rows can be assigned to samples"
+    )
 
 
 class _StagePruner:
@@ -117,18 +151,33 @@ class _StagePruner:
                 handle.remove()
         return targets, outputs
 
-    def calibrate(self, structure: Structure, pruned_in, calls, targets) -> StatsAccumulator:
-        """Stream the live consumer's inputs (pruned model) and the dense targets into statistics."""
-        accumulator = StatsAccumulator(
-            structure.in_features, structure.out_features, device=structure.consumer.weight.device
-        )
+    def calibrate(self, structure: Structure, pruned_in, calls, targets):
+        """Stream the live consumer's inputs (pruned model) and, for ``dense-output``, the dense
+        targets into statistics: a :class:`StatsAccumulator`, or a :class:`SplitAccumulator`
+        (fit and held-out samples) under ``damp="auto"``. ``targets`` is None for ``pruned-input``."""
+        outputs = None if targets is None else structure.out_features
+        device = structure.consumer.weight.device
+        if self.options.split:
+            accumulator = SplitAccumulator(structure.in_features, outputs, device, every=HELDOUT_EVERY)
+        else:
+            accumulator = StatsAccumulator(structure.in_features, outputs, device=device)
         inputs: list[torch.Tensor] = []
         handle = _record_io(structure.consumer, inputs, "input")
         try:
             with torch.no_grad():
-                for hidden, call, target in zip(pruned_in, calls, targets, strict=True):
+                for index, (hidden, call) in enumerate(zip(pruned_in, calls, strict=True)):
                     self.adapter.run_stage(self.stage, hidden, call)
-                    accumulator.add(structure.input_rows(inputs.pop()), structure.output_rows(target))
+                    rows, target = inputs.pop(), None if targets is None else targets[index]
+                    if not self.options.split:
+                        accumulator.add(
+                            structure.input_rows(rows), None if target is None else structure.output_rows(target)
+                        )
+                        continue
+                    accumulator.add(
+                        _by_sample(rows, hidden.shape[0], structure.name),
+                        None if target is None else _by_sample(target, hidden.shape[0], structure.name),
+                        input_rows=structure.input_rows, output_rows=structure.output_rows,
+                    )
         finally:
             handle.remove()
         return accumulator
@@ -147,32 +196,53 @@ class _StagePruner:
         start = time.perf_counter()
         consumer = structure.consumer
         accumulator = self.calibrate(structure, pruned_in, calls, targets)
-        problem = accumulator.problem(
-            structure.weight(),
-            structure.groups,
-            damp=self.options.damp,
-            bias=None if consumer.bias is None else consumer.bias.detach(),
-            refit_bias=self.options.refit_bias and (consumer.bias is not None or self.adapter.adds_bias),
-            meta={"name": structure.name, "kind": structure.kind, "stage": self.stage.name},
-        )
-        del accumulator
+        W = structure.weight()
+        lowering = {
+            "bias": None if consumer.bias is None else consumer.bias.detach(),
+            "refit_bias": self.options.refit_bias and (consumer.bias is not None or self.adapter.adds_bias),
+        }
+        meta = {"name": structure.name, "kind": structure.kind, "stage": self.stage.name}
+        if self.options.split:
+            problem = accumulator.fit.problem(W, structure.groups, damp=SEARCH_DAMP, meta=meta, **lowering)
+            problem.heldout = accumulator.heldout.moments(W, **lowering)
+        else:
+            problem = accumulator.problem(W, structure.groups, damp=self.options.damp, meta=meta, **lowering)
         problem.keep = keep
         calibration_seconds = time.perf_counter() - start
         if self.options.save_problems is not None:
             problem.save(self.options.save_problems / f"{self.index:03d}.{position}_{structure.name}.safetensors")
         solution = solve(problem, keep, self.options.backend, **self.options.backend_options)
-        apply_solution(structure, solution.support, solution.weights, solution.bias)
+        support, heldout_relative = solution.support, None
+        if self.options.split:
+            columns = problem.kept_columns(support).to(problem.device)
+            damp, errors = choose_damp(accumulator.fit.moments(W, **lowering), problem.heldout, columns)
+            heldout_relative = errors[damp] / problem.heldout.y_square if problem.heldout.y_square > 0 else 0.0
+            problem = accumulator.merged().problem(W, structure.groups, damp=damp, meta=meta, **lowering)
+            loss, weights, bias = problem.evaluate(support)
+        else:
+            damp = self.options.damp
+            loss, weights, bias = solution.loss, solution.weights, solution.bias
+        del accumulator
+        apply_solution(structure, support, weights, bias)
         return LayerRecord(
             stage=self.index, name=structure.name, kind=structure.kind, groups=structure.num_groups, keep=keep,
-            kept=list(solution.support), loss=solution.loss, dense_loss=problem.loss(range(problem.num_groups)),
-            relative_loss=solution.loss / problem.c0 if problem.c0 > 0 else 0.0,
+            kept=list(support), loss=loss, dense_loss=problem.loss(range(problem.num_groups)),
+            relative_loss=loss / problem.c0 if problem.c0 > 0 else 0.0,
             backend=solution.backend, status=solution.status, solve_seconds=solution.seconds,
-            calibration_seconds=calibration_seconds,
+            calibration_seconds=calibration_seconds, damp=float(damp), heldout_relative_loss=heldout_relative,
+            heldout_candidate=solution.info.get("heldout_candidate"),
         )
 
-    def run(self, dense_in, pruned_in, calls) -> tuple[list[LayerRecord], list, list]:
-        """Prune this stage; returns its records and the dense and pruned stage outputs."""
-        targets, dense_out = self.dense_pass(dense_in, calls)
+    def run(self, dense_in, pruned_in, calls) -> tuple[list[LayerRecord], list | None, list]:
+        """Prune this stage; returns its records and the dense and pruned stage outputs.
+
+        Under the ``pruned-input`` target no dense copy runs: ``dense_in`` and the returned dense
+        outputs are None.
+        """
+        if self.options.target == "dense-output":
+            targets, dense_out = self.dense_pass(dense_in, calls)
+        else:
+            targets, dense_out = [None] * len(self.stage.structures(self.stage.module)), None
         records = []
         for position in range(len(targets)):
             record = self.prune_structure(position, pruned_in, calls, targets[position])
@@ -187,6 +257,78 @@ class _StagePruner:
                 for hidden, call in zip(pruned_in, calls, strict=True)
             ]
         return records, dense_out, pruned_out
+
+
+@dataclass
+class Plan:
+    """What a :func:`prune` run will do and roughly cost, known before the first structure is solved.
+
+    ``rows``: calibration rows per layer problem (tokens, or output positions of the first conv);
+    ``activation_bytes``: the stage inputs held in memory (twice for ``dense-output``);
+    ``problem_bytes``: the float64 statistics of the largest problem (``H``, ``X^T X`` and, under
+    ``damp="auto"``, the held-out copy); ``forward_seconds``: the calibration forward passes,
+    extrapolated from one timed pass of the first stage (solver time not included).
+    """
+
+    samples: int
+    sample_shape: list[int]
+    tokens: bool
+    stages: int
+    problems: int
+    largest_columns: int
+    activation_bytes: int
+    problem_bytes: int
+    forward_seconds: float
+
+    def describe(self) -> str:
+        shape = " x ".join(str(d) for d in self.sample_shape)
+        if self.tokens:
+            data = f"{self.samples} x {shape} = {self.samples * _product(self.sample_shape):,} calibration tokens"
+        else:
+            data = f"{self.samples} calibration images of {shape}"
+        return (
+            f"plan: {data}, {self.stages} stages, {self.problems} layer problems (largest {self.largest_columns} "
+            f"columns); memory about {_gib(self.activation_bytes + self.problem_bytes)} "
+            f"(activations {_gib(self.activation_bytes)}, largest problem {_gib(self.problem_bytes)}); "
+            f"forward passes about {self.forward_seconds:.0f} s plus solver time"
+        )
+
+
+def _product(values) -> int:
+    total = 1
+    for value in values:
+        total *= int(value)
+    return total
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**28 else f"{count / 2**20:.0f} MiB"
+
+
+def _plan(adapter: ModelAdapter, budget: Budget, options: _Options, batches, dense_in, calls) -> Plan:
+    """Count the problems, size the memory and time one pass of the first stage."""
+    stages = adapter.stages()
+    problems, largest = 0, 0
+    for stage in stages:
+        for structure in stage.structures(stage.module):
+            if budget.keep(structure.name, structure.kind, structure.num_groups) is not None:
+                problems += 1
+                largest = max(largest, structure.in_features + 1)
+    copies = 2 if options.target == "dense-output" else 1
+    activation_bytes = copies * sum(t.numel() * t.element_size() for t in dense_in)
+    problem_bytes = (3 if options.split else 2) * 8 * largest * largest
+    start = time.perf_counter()
+    with torch.no_grad():
+        adapter.run_stage(stages[0], dense_in[0], calls[0])
+    one_pass = time.perf_counter() - start
+    passes_per_stage = (problems / max(len(stages), 1) + 1) + (1 if options.target == "dense-output" else 0)
+    return Plan(
+        samples=sum(int(b.shape[0]) for b in batches), sample_shape=list(batches[0].shape[1:]),
+        tokens=not batches[0].is_floating_point(), stages=len(stages), problems=problems,
+        largest_columns=max(largest - 1, 0),
+        activation_bytes=activation_bytes, problem_bytes=problem_bytes,
+        forward_seconds=one_pass * len(batches) * len(stages) * passes_per_stage,
+    )
 
 
 def _check_kinds(adapter: ModelAdapter, budget: Budget) -> None:
@@ -207,7 +349,8 @@ def prune(
     backend: str = "local-search",
     backend_options: Mapping[str, Any] | None = None,
     refit_bias: bool = False,
-    damp: float = 1e-2,
+    damp: float | str = DEFAULT_DAMP,
+    target: str = DEFAULT_TARGET,
     batch_size: int = 8,
     save_problems: str | Path | None = None,
     progress: bool = True,
@@ -227,7 +370,15 @@ def prune(
         backend: backend name for :func:`osscar_opt.solve`; ``backend_options`` its options.
         refit_bias: re-fit the consumer biases; bias-free consumers gain one where the family's save
             format records it (torchvision), and are left bias-free otherwise (transformers).
-        damp: ridge weight relative to the mean diagonal of ``X^T X``.
+        damp: ridge weight relative to the mean diagonal of ``X^T X``; or ``"auto"``: every
+            4th calibration sample is held out, the backend searches at ridge 1e-2 on the other
+            samples (local search returns the candidate whose re-fit is best on the held-out
+            samples), the ridge is chosen per layer from ``accumulator.DAMP_GRID`` by held-out
+            error, and the kept weights are re-fit on all samples with it.
+        target: what each pruned layer is fit to (docs/architecture.md, "Calibration target"):
+            ``"pruned-input"``: the layer's dense weights applied to the pruned model's input,
+            ``Y = X_pruned W^T`` (SparseGPT / ZipLM / OSSCAR's code; no dense copy runs);
+            ``"dense-output"``: the dense model's output of that layer, ``Y = X_dense W^T``.
         batch_size: calibration samples per forward pass.
         save_problems: folder to write every layer problem to (``LayerProblem.save`` format, with
             the budget stored as ``problem.keep``).
@@ -241,14 +392,23 @@ def prune(
     budget = as_budget(budgets)
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise ValueError(f"backend_options: expected a mapping of option names to values, got {backend_options!r}")
-    if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0:
-        raise ValueError(f"damp: expected a positive number, got {damp!r}")
+    if damp != "auto" and (isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0):
+        raise ValueError(f"damp: expected a positive number or 'auto', got {damp!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target: expected one of {list(TARGETS)}, got {target!r}")
     backends.get(backend)  # an unknown backend fails before any forward pass
     _check_kinds(adapter, budget)
     batches = adapter.calibration_batches(calibration, batch_size)
+    samples = sum(int(batch.shape[0]) for batch in batches)
+    if damp == "auto" and samples < HELDOUT_EVERY:
+        raise ValueError(
+            f"damp: 'auto' holds out every {HELDOUT_EVERY}th calibration sample and needs at least "
+            f"{HELDOUT_EVERY} samples, got {samples}"
+        )
     options = _Options(
         backend=backend, backend_options=dict(backend_options or {}), refit_bias=bool(refit_bias),
-        damp=float(damp), save_problems=None if save_problems is None else Path(save_problems),
+        damp=damp if damp == "auto" else float(damp), target=target,
+        save_problems=None if save_problems is None else Path(save_problems),
     )
     if options.save_problems is not None:
         options.save_problems.mkdir(parents=True, exist_ok=True)
@@ -259,14 +419,20 @@ def prune(
         "family": adapter.family, "architecture": adapter.architecture,
         "budgets": budget.to_dict() if hasattr(budget, "to_dict") else repr(budget),
         "backend": backend, "backend_options": {k: str(v) for k, v in options.backend_options.items()},
-        "refit_bias": options.refit_bias, "damp": options.damp,
-        "samples": sum(int(batch.shape[0]) for batch in batches),
+        "refit_bias": options.refit_bias, "damp": options.damp, "target": target,
+        "samples": samples,
         "sample_shape": list(batches[0].shape[1:]),
     })
     try:
         with torch.no_grad():
             dense_in, calls = adapter.stage_inputs(batches)
+        plan = _plan(adapter, budget, options, batches, dense_in, calls)
+        report.settings["plan"] = asdict(plan)
+        if progress:
+            tqdm.write(plan.describe())
         pruned_in = dense_in
+        if target == "pruned-input":
+            dense_in = None  # no dense copy runs
         stages = adapter.stages()
         for index in tqdm(range(len(stages)), desc="pruning", unit="stage", disable=not progress):
             pruner = _StagePruner(adapter, index, stages[index], budget, options)

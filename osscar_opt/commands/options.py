@@ -39,6 +39,36 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="forward dtype: float32, bfloat16, float16, float64")
 
 
+def damp_value(text: str) -> float | str:
+    """``--damp``: ``auto`` or a positive number (argparse type; bad values name the flag)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}")
+    return value
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--target``, ``--damp`` and ``--refit-bias``: how each pruned layer is fit."""
+    from osscar_opt.pipeline import DEFAULT_DAMP, DEFAULT_TARGET, TARGETS
+
+    parser.add_argument(
+        "--target", choices=TARGETS, default=DEFAULT_TARGET,
+        help="what each pruned layer is fit to: the dense weights on the pruned model's input (pruned-input) "
+        f"or the dense model's layer output (dense-output); default {DEFAULT_TARGET}",
+    )
+    parser.add_argument(
+        "--damp", type=damp_value, default=DEFAULT_DAMP,
+        help="ridge weight relative to mean diag(X^T X), or 'auto' (chosen per layer on held-out calibration "
+        f"samples, every 4th sample held out); default {DEFAULT_DAMP}",
+    )
+    parser.add_argument("--refit-bias", action="store_true", help="re-fit the bias of layers that have one")
+
+
 def positive_int(value: Any, name: str) -> int:
     """An integer >= 1, else ValueError naming ``name``."""
     try:

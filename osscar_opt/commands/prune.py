@@ -10,6 +10,7 @@ from typing import Any
 from osscar_opt.budget import check_sparsity
 from osscar_opt.commands.options import (
     add_backend_arguments,
+    add_calibration_arguments,
     add_runtime_arguments,
     parse_backend_options,
     positive_int,
@@ -44,8 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="digits training epochs when no --weights are given (torchvision models only)")
     add_backend_arguments(parser)
-    parser.add_argument("--refit-bias", action="store_true", help="re-fit the bias of layers that have one")
-    parser.add_argument("--damp", type=float, default=1e-2, help="ridge weight relative to mean diag(X^T X)")
+    add_calibration_arguments(parser)
     parser.add_argument("--samples", type=int, default=None, help=f"calibration samples (default {DEFAULT_SAMPLES})")
     parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -88,7 +88,7 @@ def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     """Keyword arguments of :func:`osscar_opt.pipeline.prune` from the shared flags."""
     return {
         "backend": args.backend, "backend_options": parse_backend_options(args.backend_option),
-        "refit_bias": args.refit_bias, "damp": args.damp, "batch_size": batch_size,
+        "refit_bias": args.refit_bias, "damp": args.damp, "target": args.target, "batch_size": batch_size,
         "save_problems": args.save_problems, "progress": not args.quiet,
     }
 
