@@ -34,16 +34,19 @@ class StatsAccumulator:
         self.xtx = torch.zeros((p, p), dtype=torch.float64, device=self.device)
         self.x_sum = torch.zeros(p, dtype=torch.float64, device=self.device)
         self.rows = 0
+        self.mass = 0.0  # sum of squared row weights (= rows when unweighted)
         if self.num_outputs is not None:
             m = self.num_outputs
             self.xty = torch.zeros((p, m), dtype=torch.float64, device=self.device)
             self.y_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
             self.y_square = 0.0
 
-    def add(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> None:
+    def add(self, X: torch.Tensor, Y: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
         """Add a batch: ``X`` of shape (n, p) and, when targets are tracked, ``Y`` of shape (n, m).
 
-        Leading dimensions beyond two are flattened into rows (e.g. (batch, seq, p)).
+        Leading dimensions beyond two are flattened into rows (e.g. (batch, seq, p)). ``weights``
+        (n,) scale each row's squared error (weighted least squares: row ``t`` enters as
+        ``w_t x_t``, ``w_t y_t``, and the bias column as ``w_t``); None weighs every row 1.
         """
         X = torch.as_tensor(X)
         if X.dim() < 2 or X.shape[-1] != self.num_inputs:
@@ -55,9 +58,17 @@ class StatsAccumulator:
             raise ValueError(
                 "Y: targets must be given with every batch exactly when num_outputs was set"
             )
+        w = None
+        if weights is not None:
+            w = torch.as_tensor(weights).reshape(-1).to(self.device, torch.float64)
+            if w.shape[0] != X.shape[0] or not torch.isfinite(w).all() or bool((w < 0).any()):
+                raise ValueError(f"weights: expected {X.shape[0]} finite non-negative row weights")
+            X = X * w[:, None]
+        ones = torch.ones(X.shape[0], dtype=torch.float64, device=self.device) if w is None else w
         self.xtx.addmm_(X.T, X)
-        self.x_sum += X.sum(0)
+        self.x_sum += X.T @ ones
         self.rows += X.shape[0]
+        self.mass += float(ones.square().sum())
         if Y is not None:
             Y = torch.as_tensor(Y)
             if Y.shape[-1] != self.num_outputs:
@@ -67,8 +78,10 @@ class StatsAccumulator:
                 raise ValueError(f"Y: has {Y.shape[0]} rows but X has {X.shape[0]}")
             if not torch.isfinite(Y).all():
                 raise ValueError("Y: contains NaN or Inf entries")
+            if w is not None:
+                Y = Y * w[:, None]
             self.xty.addmm_(X.T, Y)
-            self.y_sum += Y.sum(0)
+            self.y_sum += Y.T @ ones
             self.y_square += float(Y.square().sum())
 
     def problem(
@@ -91,7 +104,7 @@ class StatsAccumulator:
             raise ValueError("X: no calibration rows were accumulated")
         targets = None if self.num_outputs is None else (self.xty, self.y_sum, self.y_square)
         return LayerProblem.from_moments(
-            self.xtx, self.x_sum, self.rows, W, groups, targets=targets, damp=damp, bias=bias,
+            self.xtx, self.x_sum, self.mass, W, groups, targets=targets, damp=damp, bias=bias,
             refit_bias=refit_bias, meta=meta,
         )
 
@@ -109,7 +122,7 @@ class StatsAccumulator:
         targets = None if self.num_outputs is None else (self.xty, self.y_sum, self.y_square)
         b = None if bias is None else torch.as_tensor(bias).to(self.device, torch.float64)
         return reconstruction_moments(
-            self.xtx, self.x_sum, self.rows, W, targets=targets, bias=b, refit_bias=refit_bias
+            self.xtx, self.x_sum, self.mass, W, targets=targets, bias=b, refit_bias=refit_bias
         )
 
     def merged(self, other: StatsAccumulator) -> StatsAccumulator:
@@ -120,6 +133,7 @@ class StatsAccumulator:
         total.xtx = self.xtx + other.xtx.to(self.device)
         total.x_sum = self.x_sum + other.x_sum.to(self.device)
         total.rows = self.rows + other.rows
+        total.mass = self.mass + other.mass
         if self.num_outputs is not None:
             total.xty = self.xty + other.xty.to(self.device)
             total.y_sum = self.y_sum + other.y_sum.to(self.device)
@@ -147,9 +161,12 @@ class SplitAccumulator:
         index = torch.arange(self.samples, self.samples + count)
         return index % self.every == self.every - 1
 
-    def add(self, inputs: torch.Tensor, targets: torch.Tensor | None, *, input_rows, output_rows=None) -> None:
+    def add(
+        self, inputs: torch.Tensor, targets: torch.Tensor | None, *, input_rows, output_rows=None, row_weights=None
+    ) -> None:
         """Add a batch whose first dimension is the sample: ``input_rows`` / ``output_rows`` turn
-        a slice of ``inputs`` / ``targets`` into accumulator rows (a structure's row maps)."""
+        a slice of ``inputs`` / ``targets`` into accumulator rows (a structure's row maps);
+        ``row_weights`` (optional) maps input rows to their weights (see :meth:`StatsAccumulator.add`)."""
         count = inputs.shape[0]
         if targets is not None and targets.shape[0] != count:
             raise ValueError(f"targets: has {targets.shape[0]} samples but the inputs have {count}")
@@ -157,7 +174,11 @@ class SplitAccumulator:
         self.samples += count
         for part, selected in ((self.fit, ~mask), (self.heldout, mask)):
             if bool(selected.any()):
-                part.add(input_rows(inputs[selected]), None if targets is None else output_rows(targets[selected]))
+                rows = input_rows(inputs[selected])
+                part.add(
+                    rows, None if targets is None else output_rows(targets[selected]),
+                    None if row_weights is None else row_weights(rows),
+                )
 
     def merged(self) -> StatsAccumulator:
         """All rows, fit and held-out together (the one-shot statistics)."""

@@ -81,8 +81,9 @@ class PruneReport:
 
 
 TARGETS = ("pruned-input", "dense-output")
-DEFAULT_TARGET = "pruned-input"
-DEFAULT_DAMP: float | str = 1e-2
+OBJECTIVES = ("energy", "token")
+DEFAULT_OBJECTIVE = "energy"
+DEFAULT_DAMP: float | str = "auto"
 # damp="auto": every HELDOUT_EVERY-th calibration sample is held out; the support is searched at
 # ridge SEARCH_DAMP, the re-fit ridge is chosen from accumulator.DAMP_GRID on the held-out samples.
 HELDOUT_EVERY = 4
@@ -96,7 +97,8 @@ class _Options:
     refit_bias: bool
     damp: float | str
     save_problems: Path | None
-    target: str = DEFAULT_TARGET
+    target: str = "pruned-input"
+    objective: str = DEFAULT_OBJECTIVE
 
     @property
     def split(self) -> bool:
@@ -110,6 +112,19 @@ def _record_io(module: nn.Module, store: list, what: str):
         store.append((inputs[0] if what == "input" else output).detach())
 
     return module.register_forward_hook(hook)
+
+
+def _token_weights(W: torch.Tensor):
+    """Row weights ``1 / ||W x_t||`` for input rows ``x_t`` (the ``token`` objective): every token
+    (or output position) counts the same, however large its dense output (massive activations)."""
+    W = W.detach().to(torch.float64)
+
+    def weights(rows: torch.Tensor) -> torch.Tensor:
+        norms = (rows.to(W.device, torch.float64) @ W.T).norm(dim=1)
+        floor = 1e-6 * float(norms.mean()) if float(norms.mean()) > 0 else 1.0
+        return 1.0 / norms.clamp_min(floor)
+
+    return weights
 
 
 def _by_sample(tensor: torch.Tensor, samples: int, name: str) -> torch.Tensor:
@@ -157,6 +172,7 @@ class _StagePruner:
         (fit and held-out samples) under ``damp="auto"``. ``targets`` is None for ``pruned-input``."""
         outputs = None if targets is None else structure.out_features
         device = structure.consumer.weight.device
+        row_weights = _token_weights(structure.weight()) if self.options.objective == "token" else None
         if self.options.split:
             accumulator = SplitAccumulator(structure.in_features, outputs, device, every=HELDOUT_EVERY)
         else:
@@ -169,14 +185,16 @@ class _StagePruner:
                     self.adapter.run_stage(self.stage, hidden, call)
                     rows, target = inputs.pop(), None if targets is None else targets[index]
                     if not self.options.split:
+                        x_rows = structure.input_rows(rows)
                         accumulator.add(
-                            structure.input_rows(rows), None if target is None else structure.output_rows(target)
+                            x_rows, None if target is None else structure.output_rows(target),
+                            None if row_weights is None else row_weights(x_rows),
                         )
                         continue
                     accumulator.add(
                         _by_sample(rows, hidden.shape[0], structure.name),
                         None if target is None else _by_sample(target, hidden.shape[0], structure.name),
-                        input_rows=structure.input_rows, output_rows=structure.output_rows,
+                        input_rows=structure.input_rows, output_rows=structure.output_rows, row_weights=row_weights,
                     )
         finally:
             handle.remove()
@@ -263,6 +281,9 @@ class _StagePruner:
 class Plan:
     """What a :func:`prune` run will do and roughly cost, known before the first structure is solved.
 
+    ``problems`` counts the structures of the kinds the budget names (at most that many layer
+    problems: a budget may still leave some alone).
+
     ``rows``: calibration rows per layer problem (tokens, or output positions of the first conv);
     ``activation_bytes``: the stage inputs held in memory (twice for ``dense-output``);
     ``problem_bytes``: the float64 statistics of the largest problem (``H``, ``X^T X`` and, under
@@ -287,7 +308,7 @@ class Plan:
         else:
             data = f"{self.samples} calibration images of {shape}"
         return (
-            f"plan: {data}, {self.stages} stages, {self.problems} layer problems (largest {self.largest_columns} "
+            f"plan: {data}, {self.stages} stages, up to {self.problems} layer problems (largest {self.largest_columns} "
             f"columns); memory about {_gib(self.activation_bytes + self.problem_bytes)} "
             f"(activations {_gib(self.activation_bytes)}, largest problem {_gib(self.problem_bytes)}); "
             f"forward passes about {self.forward_seconds:.0f} s plus solver time"
@@ -309,9 +330,10 @@ def _plan(adapter: ModelAdapter, budget: Budget, options: _Options, batches, den
     """Count the problems, size the memory and time one pass of the first stage."""
     stages = adapter.stages()
     problems, largest = 0, 0
+    kinds = set(budget.kinds())  # the budget's keep() is asked only when a structure is reached
     for stage in stages:
         for structure in stage.structures(stage.module):
-            if budget.keep(structure.name, structure.kind, structure.num_groups) is not None:
+            if structure.kind in kinds:
                 problems += 1
                 largest = max(largest, structure.in_features + 1)
     copies = 2 if options.target == "dense-output" else 1
@@ -350,7 +372,8 @@ def prune(
     backend_options: Mapping[str, Any] | None = None,
     refit_bias: bool = False,
     damp: float | str = DEFAULT_DAMP,
-    target: str = DEFAULT_TARGET,
+    target: str | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
     batch_size: int = 8,
     save_problems: str | Path | None = None,
     progress: bool = True,
@@ -370,7 +393,7 @@ def prune(
         backend: backend name for :func:`osscar_opt.solve`; ``backend_options`` its options.
         refit_bias: re-fit the consumer biases; bias-free consumers gain one where the family's save
             format records it (torchvision), and are left bias-free otherwise (transformers).
-        damp: ridge weight relative to the mean diagonal of ``X^T X``; or ``"auto"``: every
+        damp: ridge weight relative to the mean diagonal of ``X^T X``; or ``"auto"`` (default): every
             4th calibration sample is held out, the backend searches at ridge 1e-2 on the other
             samples (local search returns the candidate whose re-fit is best on the held-out
             samples), the ridge is chosen per layer from ``accumulator.DAMP_GRID`` by held-out
@@ -378,10 +401,16 @@ def prune(
         target: what each pruned layer is fit to (docs/architecture.md, "Calibration target"):
             ``"pruned-input"``: the layer's dense weights applied to the pruned model's input,
             ``Y = X_pruned W^T`` (SparseGPT / ZipLM / OSSCAR's code; no dense copy runs);
-            ``"dense-output"``: the dense model's output of that layer, ``Y = X_dense W^T``.
+            ``"dense-output"``: the dense model's output of that layer, ``Y = X_dense W^T``;
+            None: the family's default (``adapter.default_target``: pruned-input for
+            transformers, dense-output for torchvision networks).
+        objective: ``"energy"``: the squared error summed over calibration rows (tokens with
+            large outputs dominate); ``"token"``: each row's squared error divided by its dense
+            output's squared norm ``||W x_t||^2``, so every token counts the same.
         batch_size: calibration samples per forward pass.
         save_problems: folder to write every layer problem to (``LayerProblem.save`` format, with
-            the budget stored as ``problem.keep``).
+            the budget stored as ``problem.keep``); under ``damp="auto"`` the problem the backend
+            searched (fit samples, ridge 1e-2, the held-out moments attached).
         progress: show a tqdm bar over stages.
     """
     from tqdm.auto import tqdm
@@ -392,22 +421,28 @@ def prune(
     budget = as_budget(budgets)
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise ValueError(f"backend_options: expected a mapping of option names to values, got {backend_options!r}")
-    if damp != "auto" and (isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0):
-        raise ValueError(f"damp: expected a positive number or 'auto', got {damp!r}")
+    if damp != "auto" and (
+        isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 < damp < float("inf")
+    ):
+        raise ValueError(f"damp: expected a positive finite number or 'auto', got {damp!r}")
+    if target is None:
+        target = adapter.default_target
     if target not in TARGETS:
-        raise ValueError(f"target: expected one of {list(TARGETS)}, got {target!r}")
+        raise ValueError(f"target: expected one of {list(TARGETS)} or None, got {target!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
     backends.get(backend)  # an unknown backend fails before any forward pass
     _check_kinds(adapter, budget)
     batches = adapter.calibration_batches(calibration, batch_size)
     samples = sum(int(batch.shape[0]) for batch in batches)
     if damp == "auto" and samples < HELDOUT_EVERY:
         raise ValueError(
-            f"damp: 'auto' holds out every {HELDOUT_EVERY}th calibration sample and needs at least "
-            f"{HELDOUT_EVERY} samples, got {samples}"
+            f"damp: 'auto' (the default) holds out every {HELDOUT_EVERY}th calibration sample and needs at least "
+            f"{HELDOUT_EVERY} samples, got {samples}; give more samples or a fixed ridge such as damp=0.01"
         )
     options = _Options(
         backend=backend, backend_options=dict(backend_options or {}), refit_bias=bool(refit_bias),
-        damp=damp if damp == "auto" else float(damp), target=target,
+        damp=damp if damp == "auto" else float(damp), target=target, objective=objective,
         save_problems=None if save_problems is None else Path(save_problems),
     )
     if options.save_problems is not None:
@@ -419,7 +454,7 @@ def prune(
         "family": adapter.family, "architecture": adapter.architecture,
         "budgets": budget.to_dict() if hasattr(budget, "to_dict") else repr(budget),
         "backend": backend, "backend_options": {k: str(v) for k, v in options.backend_options.items()},
-        "refit_bias": options.refit_bias, "damp": options.damp, "target": target,
+        "refit_bias": options.refit_bias, "damp": options.damp, "target": target, "objective": objective,
         "samples": samples,
         "sample_shape": list(batches[0].shape[1:]),
     })

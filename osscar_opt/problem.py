@@ -122,7 +122,7 @@ class Moments:
     xtx: torch.Tensor
     xty: torch.Tensor
     y_square: float
-    rows: int
+    rows: float
     anchor: torch.Tensor
     inputs: int
 
@@ -165,7 +165,7 @@ class Moments:
 def reconstruction_moments(
     xtx: torch.Tensor,
     x_sum: torch.Tensor,
-    rows: int,
+    rows: float,
     W: torch.Tensor,
     *,
     targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
@@ -195,7 +195,7 @@ def reconstruction_moments(
             y_square = y_square - 2.0 * float(b @ y_sum) + n * float(b @ b)
             y_sum = y_sum - n * b
     if not refit_bias:
-        return Moments(xtx, xty, float(y_square), int(rows), W, p)
+        return Moments(xtx, xty, float(y_square), rows, W, p)
     # Augmented column of ones, its weight is the bias: targets are (Y - b) + b = Y_full.
     xtx_full = torch.zeros((p + 1, p + 1), dtype=torch.float64, device=device)
     xtx_full[:p, :p] = xtx
@@ -205,7 +205,7 @@ def reconstruction_moments(
     xty_full = torch.cat([xty + torch.outer(x_sum, b), (y_sum + n * b)[None, :]], dim=0)
     y_full_square = y_square + 2.0 * float(b @ y_sum) + n * float(b @ b)
     anchor = torch.cat([W, b[:, None]], dim=1)
-    return Moments(xtx_full, xty_full, float(y_full_square), int(rows), anchor, p)
+    return Moments(xtx_full, xty_full, float(y_full_square), rows, anchor, p)
 
 
 class LayerProblem:
@@ -629,7 +629,7 @@ class LayerProblem:
         }
         if self.heldout is not None:
             metadata["heldout.y_square"] = repr(self.heldout.y_square)
-            metadata["heldout.rows"] = str(self.heldout.rows)
+            metadata["heldout.rows"] = repr(float(self.heldout.rows))
             metadata["heldout.inputs"] = str(self.heldout.inputs)
         path = Path(path)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -668,7 +668,7 @@ class LayerProblem:
             if "heldout.xtx" in tensors:
                 heldout = Moments(
                     tensors["heldout.xtx"], tensors["heldout.xty"], float(metadata["heldout.y_square"]),
-                    int(metadata["heldout.rows"]), tensors["heldout.anchor"], int(metadata["heldout.inputs"]),
+                    float(metadata["heldout.rows"]), tensors["heldout.anchor"], int(metadata["heldout.inputs"]),
                 )
         except ValueError:
             raise

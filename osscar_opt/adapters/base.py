@@ -89,6 +89,10 @@ class ModelAdapter:
     adds_bias: ClassVar[bool] = False
     """Whether a bias-free consumer may gain a re-fit bias (``refit_bias``): only where the saved
     model records it (torchvision shape records do; a transformers config's bias flags do not)."""
+    default_target: ClassVar[str] = "pruned-input"
+    """The calibration target :func:`osscar_opt.pipeline.prune` uses when none is given (measured
+    per family in the README: transformers gain from ``pruned-input``; MobileNetV2 collapses with
+    it and needs ``dense-output``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -28,6 +28,7 @@ class ConvNetAdapter(ModelAdapter):
 
     architectures: ClassVar[tuple[str, ...]] = ()
     adds_bias = True
+    default_target = "dense-output"  # pruned-input: MobileNetV2 on digits 87.8% -> 62.9% at 30% channels
 
     @classmethod
     def architecture_of(cls, model: nn.Module) -> str | None:

@@ -54,17 +54,23 @@ def damp_value(text: str) -> float | str:
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     """``--target``, ``--damp`` and ``--refit-bias``: how each pruned layer is fit."""
-    from osscar_opt.pipeline import DEFAULT_DAMP, DEFAULT_TARGET, TARGETS
+    from osscar_opt.pipeline import DEFAULT_DAMP, DEFAULT_OBJECTIVE, OBJECTIVES, TARGETS
 
     parser.add_argument(
-        "--target", choices=TARGETS, default=DEFAULT_TARGET,
+        "--target", choices=TARGETS, default=None,
         help="what each pruned layer is fit to: the dense weights on the pruned model's input (pruned-input) "
-        f"or the dense model's layer output (dense-output); default {DEFAULT_TARGET}",
+        "or the dense model's layer output (dense-output); default pruned-input for transformers, "
+        "dense-output for torchvision networks",
     )
     parser.add_argument(
         "--damp", type=damp_value, default=DEFAULT_DAMP,
         help="ridge weight relative to mean diag(X^T X), or 'auto' (chosen per layer on held-out calibration "
         f"samples, every 4th sample held out); default {DEFAULT_DAMP}",
+    )
+    parser.add_argument(
+        "--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+        help="energy: squared error summed over tokens; token: each token's error divided by its dense output's "
+        f"energy (every token counts the same); default {DEFAULT_OBJECTIVE}",
     )
     parser.add_argument("--refit-bias", action="store_true", help="re-fit the bias of layers that have one")
 

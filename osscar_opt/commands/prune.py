@@ -88,7 +88,8 @@ def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     """Keyword arguments of :func:`osscar_opt.pipeline.prune` from the shared flags."""
     return {
         "backend": args.backend, "backend_options": parse_backend_options(args.backend_option),
-        "refit_bias": args.refit_bias, "damp": args.damp, "target": args.target, "batch_size": batch_size,
+        "refit_bias": args.refit_bias, "damp": args.damp, "target": args.target,
+        "objective": args.objective, "batch_size": batch_size,
         "save_problems": args.save_problems, "progress": not args.quiet,
     }
 
