@@ -49,12 +49,12 @@ def ridge_fit(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor, kept: torch.Ten
 def test_each_target_is_the_direct_least_squares_fit_of_its_definition(target):
     ids = token_ids()
     pruned = tiny_model("llama")
-    report = prune(pruned, ids, AllBut(set()), backend="greedy", target=target, progress=False)
+    report = prune(pruned, ids, AllBut(set()), backend="greedy", target=target, damp=1e-2, progress=False)
     last = report.layers[-1]  # the last block's MLP, calibrated on a model pruned everywhere before it
     assert last.kind == "neurons" and last.stage == 1
     # The same run with that layer left alone: its input is the pruned model's, its weight the dense one.
     before_last = tiny_model("llama")
-    prune(before_last, ids, AllBut({last.name}), backend="greedy", target=target, progress=False)
+    prune(before_last, ids, AllBut({last.name}), backend="greedy", target=target, damp=1e-2, progress=False)
     X_pruned, _ = layer_io(before_last, last.name, ids)
     W = before_last.get_submodule(last.name).weight.double()
     if target == "pruned-input":
@@ -68,7 +68,7 @@ def test_each_target_is_the_direct_least_squares_fit_of_its_definition(target):
     # and the two targets really differ on this model
     other = "dense-output" if target == "pruned-input" else "pruned-input"
     check = tiny_model("llama")
-    prune(check, ids, AllBut(set()), backend="greedy", target=other, progress=False)
+    prune(check, ids, AllBut(set()), backend="greedy", target=other, damp=1e-2, progress=False)
     assert not torch.allclose(check.get_submodule(last.name).weight, pruned.get_submodule(last.name).weight)
 
 
@@ -169,9 +169,10 @@ def test_prune_with_damp_auto_records_the_chosen_ridge_and_heldout_loss():
     ("options", "message"),
     [
         ({"target": "dense"}, "target: expected one of"),
-        ({"damp": "Auto"}, "damp: expected a positive number or 'auto'"),
-        ({"damp": 0.0}, "damp: expected a positive number or 'auto'"),
-        ({"damp": "auto", "calibration": token_ids(samples=3)}, "needs at least 4 samples"),
+        ({"damp": "Auto"}, "damp: expected a positive finite number or 'auto'"),
+        ({"damp": float("inf")}, "damp: expected a positive finite number or 'auto'"),
+        ({"damp": 0.0}, "damp: expected a positive finite number or 'auto'"),
+        ({"damp": "auto", "calibration": token_ids(samples=3)}, "needs at least 4 samples, got 3"),
     ],
 )
 def test_bad_target_or_damp_is_refused_before_pruning(options, message):
@@ -195,3 +196,52 @@ def test_fluctuation_removes_a_large_constant_input_that_activation_keeps():
     assert 0 in by_activation and 0 not in by_fluctuation and 1 in by_fluctuation
     # the constant input's contribution moves into the re-fit bias: nothing is lost
     assert solve(problem, 5, "fluctuation").loss < 1e-6 * problem.c0
+
+
+def test_plan_counts_problems_and_memory_before_pruning(capsys):
+    model = tiny_model("llama")
+    report = prune(model, token_ids(), {"neurons": 0.5}, target="dense-output", progress=True)
+    plan = report.settings["plan"]
+    assert plan["problems"] == len(report.layers) == 2 and plan["stages"] == 2
+    assert plan["largest_columns"] == 48 and plan["samples"] == 12 and plan["tokens"]
+    assert plan["activation_bytes"] == 2 * 12 * 10 * 32 * 4  # dense and pruned stage inputs, float32
+    assert plan["forward_seconds"] > 0
+    assert "plan: 12 x 10 = 120 calibration tokens, 2 stages, up to 2 layer problems" in capsys.readouterr().out
+
+
+def test_weighted_rows_are_weighted_least_squares():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 6, generator=generator, dtype=torch.float64)
+    Y = torch.randn(30, 2, generator=generator, dtype=torch.float64)
+    w = torch.rand(30, generator=generator, dtype=torch.float64) + 0.1
+    weighted = StatsAccumulator(6, 2)
+    weighted.add(X, Y, weights=w)
+    scaled = StatsAccumulator(6, 2)  # the same rows scaled by w, plus the bias column's w
+    scaled.add(X * w[:, None], Y * w[:, None])
+    assert torch.allclose(weighted.xtx, scaled.xtx) and torch.allclose(weighted.xty, scaled.xty)
+    assert torch.allclose(weighted.x_sum, (X * w[:, None] ** 2).sum(0))
+    assert weighted.mass == pytest.approx(float(w.square().sum())) and weighted.rows == 30
+    W = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    problem = weighted.problem(W, list(range(6)), damp=1e-9, refit_bias=True, bias=torch.zeros(2))
+    support = (0, 2, 5)
+    design = torch.cat([X[:, list(support)], torch.ones(30, 1, dtype=torch.float64)], dim=1) * w[:, None]
+    solution = torch.linalg.lstsq(design, Y * w[:, None]).solution  # (4, 2)
+    assert torch.allclose(problem.weights(support)[:, list(support)], solution[:3].T, atol=1e-6)
+    assert torch.allclose(problem.bias(support), solution[3], atol=1e-6)
+
+
+def test_token_objective_prunes_every_family_and_is_recorded():
+    model = tiny_model("llama")
+    report = prune(model, token_ids(), {"kv_groups": 0.5, "neurons": 0.5}, objective="token", progress=False)
+    assert report.settings["objective"] == "token" and len(report.layers) == 4
+    with pytest.raises(ValueError, match="objective: expected one of"):
+        prune(tiny_model("llama"), token_ids(), {"neurons": 0.5}, objective="tokens", progress=False)
+
+
+def test_default_target_is_the_family_default():
+    from tests.tiny_models import build, calibration
+
+    llama = prune(tiny_model("llama"), token_ids(), {"neurons": 0.5}, progress=False)
+    resnet = prune(build("resnet50"), calibration("resnet50"), {"channels": 0.5}, progress=False)
+    assert llama.settings["target"] == "pruned-input" and llama.settings["damp"] == "auto"
+    assert resnet.settings["target"] == "dense-output" and resnet.settings["damp"] == "auto"
