@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import time
@@ -30,12 +31,36 @@ from osscar_opt.models import SMOLLM2_NOTE, load_model
 from osscar_opt.pipeline import prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKENDS = ("local-search", "greedy", "activation", "magnitude")
+BACKENDS = ("local-search", "greedy", "activation", "fluctuation", "magnitude")
+TARGETS = ("pruned-input", "dense-output")
+PEERS = ("torch-pruning",)
+
+
+def damp_arg(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def run_peer(peer: str, model, calibration, heads: float, neurons: float) -> dict[str, Any]:
+    """An outside method on ``model`` in place (LLaMA family only): its report."""
+    if peer == "torch-pruning":
+        from osscar_opt.peers.torch_pruning import prune_with_torch_pruning
+
+        return prune_with_torch_pruning(model, calibration, kv_sparsity=heads, neuron_sparsity=neurons,
+                                        importance="taylor")
+    raise ValueError(f"peers: unknown peer {peer!r}; known: {list(PEERS)}")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--damps", nargs="+", type=damp_arg, default=[1e-2, "auto"],
+                        help="ridge settings to run every backend with (numbers or 'auto')")
+    parser.add_argument("--objectives", nargs="+", default=["energy"], choices=["energy", "token"])
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
+                        help="outside methods run on the causal LM (same calibration, budgets, evaluation)")
+    parser.add_argument("--settings", nargs="+", type=int, default=None,
+                        help="indices of the model's budget settings to run (default: all)")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
     parser.add_argument("--minilm-samples", type=int, default=64)
     parser.add_argument("--smollm2-samples", type=int, default=16)
@@ -69,36 +94,64 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
     dense = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
     rows.append(row(loaded.name, "dense", "-", dense, 0.0))
     save()
-    for label, heads, neurons in settings(name):
+    chosen = settings(name) if args.settings is None else [settings(name)[i] for i in args.settings]
+    for label, heads, neurons in chosen:
+        budgets = {"heads": heads, "kv_groups": heads, "neurons": neurons}
         for backend in args.backends:
-            options = json.loads(args.smollm2_local_search) if (backend == "local-search" and loaded.causal) else {}
+            for target, damp, objective in itertools.product(args.targets, args.damps, args.objectives):
+                local = backend == "local-search" and loaded.causal
+                options = json.loads(args.smollm2_local_search) if local else {}
+                model = copy.deepcopy(loaded.model)
+                report = prune(model, calibration, budgets, backend=backend, backend_options=options,
+                               target=target, damp=damp, objective=objective, batch_size=8, progress=False)
+                result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
+                rows.append(row(loaded.name, label, backend, result, report.seconds, neurons=neurons,
+                                options=options, target=target, damp=damp, layers=report.layers))
+                rows[-1]["objective"] = objective
+                save()
+                print(format_row(rows[-1]), flush=True)
+                del model
+        for peer in args.peers if loaded.causal else []:
             model = copy.deepcopy(loaded.model)
-            budgets = {"heads": heads, "kv_groups": heads, "neurons": neurons}
-            report = prune(model, calibration, budgets, backend=backend, backend_options=options, batch_size=8,
-                           progress=False)
+            started = time.perf_counter()
+            info = run_peer(peer, model, calibration, heads, neurons)
+            seconds = time.perf_counter() - started
             result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
-            rows.append(row(loaded.name, label, backend, result, report.seconds, neurons=neurons, options=options))
+            rows.append(row(loaded.name, label, peer, result, seconds, neurons=neurons,
+                            options={"importance": info.get("importance")}, target="-", damp="-"))
             save()
             print(format_row(rows[-1]), flush=True)
             del model
 
 
 def row(model: str, setting: str, backend: str, result: dict[str, Any], seconds: float, neurons: float = 0.0,
-        options: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"model": model, "setting": setting, "backend": backend, "neurons_sparsity": neurons,
-            "backend_options": options or {}, "prune_seconds": seconds, **evaluate.public(result)}
+        options: dict[str, Any] | None = None, target: str = "-", damp: Any = "-", layers=None) -> dict[str, Any]:
+    """One table row; ``layers`` (pipeline records) add the mean in-sample and held-out relative losses."""
+    in_sample = heldout = None
+    if layers:
+        in_sample = sum(r.relative_loss for r in layers) / len(layers)
+        if all(r.heldout_relative_loss is not None for r in layers):
+            heldout = sum(r.heldout_relative_loss for r in layers) / len(layers)
+    return {"model": model, "setting": setting, "backend": backend, "target": target, "damp": damp,
+            "neurons_sparsity": neurons, "backend_options": options or {}, "prune_seconds": seconds,
+            "mean_relative_loss": in_sample, "mean_heldout_relative_loss": heldout, **evaluate.public(result)}
 
 
-HEADER = ("model", "setting", "backend", "cosine", "retrieval@1", "perplexity", "params (M)", "GMACs",
-          "latency (ms)", "prune time (s)")
+HEADER = ("model", "setting", "backend", "target", "damp", "cosine", "retrieval@1", "perplexity",
+          "layer loss (in / held-out)", "params (M)", "GMACs", "latency (ms)", "prune time (s)")
 
 
 def format_row(r: dict[str, Any]) -> str:
     def fmt(key: str, pattern: str) -> str:
         return pattern.format(r[key]) if r.get(key) is not None else "-"
 
+    losses = "-" if r.get("mean_relative_loss") is None else f"{r['mean_relative_loss']:.4f}"
+    if r.get("mean_heldout_relative_loss") is not None:
+        losses += f" / {r['mean_heldout_relative_loss']:.4f}"
     cells = (r["model"], r["setting"], r["backend"] + ("*" if r.get("backend_options") else ""),
-             fmt("cosine_to_dense", "{:.4f}"), fmt("retrieval_top1", "{:.3f}"), fmt("perplexity", "{:.2f}"),
+             str(r.get("target", "-")) + ("" if r.get("objective", "energy") == "energy" else f" ({r['objective']})"),
+             str(r.get("damp", "-")),
+             fmt("cosine_to_dense", "{:.4f}"), fmt("retrieval_top1", "{:.3f}"), fmt("perplexity", "{:.2f}"), losses,
              f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.2f}", f"{r['latency_ms']:.0f}",
              f"{r['prune_seconds']:.0f}" if r["backend"] != "-" else "-")
     return "| " + " | ".join(cells) + " |"
@@ -119,9 +172,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for axis, key, model, label in ((axes[0], "cosine_to_dense", "all-minilm-l6-v2", "embedding cosine to dense"),
                                     (axes[1], "perplexity", "smollm2", "perplexity (lower is better)")):
         pruned = [r for r in rows if r["model"] == model and r["backend"] != "-"]
-        for backend in dict.fromkeys(r["backend"] for r in pruned):
-            points = sorted((r["neurons_sparsity"], r[key]) for r in pruned if r["backend"] == backend)
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        def label_of(r: dict[str, Any]) -> str:
+            if r.get("target", "-") == "-":
+                return r["backend"]
+            objective = "" if r.get("objective", "energy") == "energy" else f" {r['objective']}"
+            return f"{r['backend']} {r['target']} {r['damp']}{objective}"
+
+        backends = list(dict.fromkeys(r["backend"] for r in rows if r["backend"] != "-"))
+        colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+        for label_ in dict.fromkeys(label_of(r) for r in pruned):
+            chosen = [r for r in pruned if label_of(r) == label_]
+            points = sorted((r["neurons_sparsity"], r[key]) for r in chosen)
+            first = chosen[0]
+            style = ":" if first.get("objective", "energy") != "energy" else (
+                "--" if first.get("target") == "dense-output" else "-")
+            marker = "s" if str(first.get("damp")) == "auto" else "o"
+            axis.plot([p[0] for p in points], [p[1] for p in points], style, marker=marker,
+                      color=colors[first["backend"]], label=label_)
         dense = [r for r in rows if r["model"] == model and r["backend"] == "-"]
         if dense and key == "perplexity":
             axis.axhline(dense[0][key], color="gray", linestyle="--", label="dense")
@@ -130,7 +197,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                                                         " (= head sparsity)"))
         axis.set_ylabel(label)
         axis.set_title(model + (" (4-bit GGUF weights)" if key == "perplexity" else ""))
-        axis.legend()
+        axis.legend(fontsize=6, ncol=2)
+    figure.suptitle("colour: backend; solid: pruned-input, dashed: dense-output, dotted: token objective; "
+                    "square: damp auto", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -84,7 +84,8 @@ def measure(model: nn.Module, test: vision_data.ImageSplit, image: torch.Tensor,
     }
 
 
-def run_architecture(architecture: str, sparsities: list[float], samples: int, epochs: int) -> list[dict[str, Any]]:
+def run_architecture(architecture: str, sparsities: list[float], samples: int, epochs: int,
+                     methods=METHODS, targets=("pruned-input",), damps=(1e-2,)) -> list[dict[str, Any]]:
     settings = ARCHITECTURES[architecture]
     model, train, test, info = vision_data.digits_model(
         architecture, image_size=settings["image_size"], epochs=epochs or settings["epochs"]
@@ -97,28 +98,32 @@ def run_architecture(architecture: str, sparsities: list[float], samples: int, e
     print(f"{architecture}: dense test accuracy {100 * rows[0]['accuracy']:.1f}% "
           f"(trained {info['train_seconds']:.0f}s)", flush=True)
     for sparsity in sparsities:
-        for method in METHODS:
-            start = time.perf_counter()
-            if method == "torch-pruning":
-                pruned = torch_pruning_peer(model, sparsity, image)
-            else:
-                pruned, _ = prune_vision(model, calibration, {"channels": sparsity}, backend=method, batch_size=32,
-                                         progress=False)
-            seconds = time.perf_counter() - start
-            row = {"architecture": architecture, "method": method, "sparsity": sparsity, "prune_seconds": seconds,
-                   **measure(pruned, test, image, batch)}
-            rows.append(row)
-            print(f"  {method:14s} {sparsity:.0%}: accuracy {100 * row['accuracy']:.1f}%, {seconds:.1f}s", flush=True)
+        for method in methods:
+            variants = [("-", "-")] if method == "torch-pruning" else [(t, d) for t in targets for d in damps]
+            for target, damp in variants:
+                start = time.perf_counter()
+                if method == "torch-pruning":
+                    pruned = torch_pruning_peer(model, sparsity, image)
+                else:
+                    pruned, _ = prune_vision(model, calibration, {"channels": sparsity}, backend=method,
+                                             batch_size=32, target=target, damp=damp, progress=False)
+                seconds = time.perf_counter() - start
+                row = {"architecture": architecture, "method": method, "target": target, "damp": damp,
+                       "sparsity": sparsity, "prune_seconds": seconds, **measure(pruned, test, image, batch)}
+                rows.append(row)
+                print(f"  {method:14s} {target:12s} {damp!s:5s} {sparsity:.0%}: accuracy "
+                      f"{100 * row['accuracy']:.1f}%, {seconds:.1f}s", flush=True)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'model':13s} {'method':14s} {'sparsity':>8s} {'test acc %':>10s} {'MMACs':>8s} "
-              f"{'params M':>8s} {'latency ms':>10s} {'prune s':>8s}")
+    header = (f"{'model':13s} {'method':14s} {'target':12s} {'damp':5s} {'sparsity':>8s} {'test acc %':>10s} "
+              f"{'MMACs':>8s} {'params M':>8s} {'latency ms':>10s} {'prune s':>8s}")
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['architecture']:13s} {row['method']:14s} {row['sparsity']:8.0%} {100 * row['accuracy']:10.1f} "
+            f"{row['architecture']:13s} {row['method']:14s} {row.get('target', '-'):12s} {row.get('damp', '-')!s:5s} "
+            f"{row['sparsity']:8.0%} {100 * row['accuracy']:10.1f} "
             f"{row['macs'] / 1e6:8.1f} {row['params'] / 1e6:8.3f} {row['latency_ms']:10.1f} {row['prune_seconds']:8.1f}"
         )
     return "\n".join(lines)
@@ -134,16 +139,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(architectures), figsize=(5 * len(architectures), 4), squeeze=False)
     for axis, architecture in zip(axes[0], architectures, strict=True):
         dense = next(r for r in rows if r["architecture"] == architecture and r["method"] == "dense")
-        for method in METHODS:
-            points = sorted((r["sparsity"], r["accuracy"]) for r in rows
-                            if r["architecture"] == architecture and r["method"] == method)
+        def label_of(r: dict[str, Any]) -> str:
+            return r["method"] if r.get("target", "-") == "-" else f"{r['method']} {r['target']} {r['damp']}"
+
+        pruned_rows = [r for r in rows if r["architecture"] == architecture and r["method"] != "dense"]
+        for label in dict.fromkeys(label_of(r) for r in pruned_rows):
+            points = sorted((r["sparsity"], r["accuracy"]) for r in pruned_rows if label_of(r) == label)
             points = [(0.0, dense["accuracy"]), *points]
-            axis.plot([100 * s for s, _ in points], [100 * a for _, a in points], marker="o", label=method)
+            style = "--" if "dense-output" in label else "-"
+            axis.plot([100 * s for s, _ in points], [100 * a for _, a in points], style, marker="o", label=label)
         axis.set_title(f"{architecture} on digits (one shot, no fine-tuning)")
         axis.set_xlabel("internal channels removed (%)")
         axis.set_ylabel("test accuracy (%)")
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -154,6 +163,10 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--samples", type=int, default=128, help="calibration images")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default per architecture)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--targets", nargs="+", default=["pruned-input"], choices=["pruned-input", "dense-output"])
+    parser.add_argument("--damps", nargs="+", default=[1e-2], type=lambda t: t if t == "auto" else float(t))
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="2 epochs, 32 calibration images, 50%% only")
     args = parser.parse_args()
     if args.quick:
@@ -162,15 +175,16 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for architecture in args.architectures:
-        rows.extend(run_architecture(architecture, args.sparsities, args.samples, args.epochs))
+        rows.extend(run_architecture(architecture, args.sparsities, args.samples, args.epochs, args.methods,
+                                     args.targets, args.damps))
     print()
     print(table(rows))
     print(f"\ntotal {time.perf_counter() - start:.0f}s, torch threads {torch.get_num_threads()}, "
           f"calibration images {args.samples}, latency batch 64")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vision.json").write_text(json.dumps({"rows": rows, "samples": args.samples}, indent=1))
-    plot(rows, RESULTS / "vision.png")
-    print(f"wrote {RESULTS / 'vision.json'} and {RESULTS / 'vision.png'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vision.json").write_text(json.dumps({"rows": rows, "samples": args.samples}, indent=1))
+    plot(rows, args.out / "vision.png")
+    print(f"wrote {args.out / 'vision.json'} and {args.out / 'vision.png'}")
 
 
 if __name__ == "__main__":
