@@ -10,7 +10,7 @@ Every row also gives parameters, MACs (torch FLOP counter / 2), median forward l
 batch and the pruning wall time. Writes ``benchmarks/results/end_to_end.json`` (updated after every
 row) and ``end_to_end.png``; prints the table as Markdown.
 
-    python benchmarks/end_to_end.py                 # full run (CPU: about 20-30 min)
+    python benchmarks/end_to_end.py                 # full grid (2-core CPU: MiniLM 16 min, SmolLM2 over 1 h)
     python benchmarks/end_to_end.py --quick         # small smoke run
 """
 
@@ -62,12 +62,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", type=int, default=None,
                         help="indices of the model's budget settings to run (default: all)")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
-    parser.add_argument("--minilm-samples", type=int, default=64)
-    parser.add_argument("--smollm2-samples", type=int, default=16)
+    parser.add_argument("--minilm-samples", type=int, default=128)
+    parser.add_argument("--smollm2-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--perplexity-windows", type=int, default=16)
-    parser.add_argument("--smollm2-local-search", default='{"restarts": 0}',
-                        help="JSON options of local-search on SmolLM2 (default: no restarts, for time)")
+    parser.add_argument("--smollm2-local-search", default="{}",
+                        help="JSON options of local-search on SmolLM2 (default: the backend's defaults)")
     parser.add_argument("--quick", action="store_true", help="tiny sample counts, two backends")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table-from", type=Path, nargs="+", default=None,
