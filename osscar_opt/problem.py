@@ -143,15 +143,15 @@ class Moments:
             self.y_square - 2.0 * float((kept_t * self.xty[columns]).sum()) + float(((xtx @ kept_t) * kept_t).sum())
         )
 
-    @property
-    def ridge_scale(self) -> float:
-        """``mean(diag(X^T X))`` over the input columns (the bias column left out): ``lam = damp * this``."""
-        return float(torch.diagonal(self.xtx)[: self.inputs].mean())
+    def ridge(self, damp: float) -> float:
+        """The ridge weight ``lam = damp * mean(diag(X^T X))`` over the input columns (the bias column
+        left out; ``damp`` itself when the inputs never fire). The one rule, also for :class:`LayerProblem`."""
+        scale = float(torch.diagonal(self.xtx)[: self.inputs].mean())
+        return damp * scale if scale > 0 else float(damp)
 
     def ridge_fit(self, columns: torch.Tensor, damp: float) -> torch.Tensor:
         """Kept weights ``(|columns|, m)`` (transposed) of the ridge fit on ``columns`` at relative ``damp``."""
-        scale = self.ridge_scale
-        lam = damp * scale if scale > 0 else float(damp)
+        lam = self.ridge(damp)
         H = self.xtx[columns][:, columns] + lam * torch.eye(len(columns), dtype=torch.float64, device=self.xtx.device)
         G = self.xty[columns] + lam * self.anchor[:, columns].T
         return torch.cholesky_solve(G, torch.linalg.cholesky(H))
@@ -345,8 +345,7 @@ class LayerProblem:
         moments = reconstruction_moments(xtx, x_sum, rows, W, targets=targets, bias=b if bias is not None else None,
                                          refit_bias=refit_bias)
         xtx_diag = torch.diagonal(moments.xtx).clone()
-        mean_energy = float(torch.diagonal(xtx).mean())
-        lam = damp * mean_energy if mean_energy > 0 else float(damp)
+        lam = moments.ridge(damp)
         columns = moments.xtx.shape[0]
         H = moments.xtx + lam * torch.eye(columns, dtype=torch.float64, device=xtx.device)
         G = moments.xty + lam * moments.anchor.T
@@ -567,7 +566,8 @@ class LayerProblem:
         """Held-out ``||Y - X B^T||^2`` of the weights re-fit on ``support`` (None without held-out rows)."""
         if self.heldout is None:
             return None
-        return self.heldout.error(self.full_weights(support))
+        columns, kept_t = self._kept_solution(support)
+        return self.heldout.error_on(columns, kept_t)
 
     def reference_weight(self) -> torch.Tensor:
         """The original weight ``(m, p_in)``; without one, the unpruned least-squares fit."""

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from osscar_opt.backends._scores import group_sums, top_groups
+from osscar_opt.backends._scores import input_energy, top_groups, weighted_group_scores
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
 
@@ -22,11 +20,4 @@ class ActivationBackend(Backend):
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
         check_options(self.name, options, ())
-        weight = problem.reference_weight().to(torch.float64).cpu()
-        p_in = problem.num_inputs
-        if problem.xtx_diag is not None:
-            energy = problem.xtx_diag[:p_in].to(torch.float64).cpu()
-        else:
-            energy = (torch.diagonal(problem.H)[:p_in].to(torch.float64).cpu() - problem.lam).clamp_min(0)
-        column_scores = weight.square().sum(0) * energy
-        return SearchResult(top_groups(group_sums(problem, column_scores), keep))
+        return SearchResult(top_groups(weighted_group_scores(problem, input_energy(problem)), keep))

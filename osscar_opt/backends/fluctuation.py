@@ -22,9 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from osscar_opt.backends._scores import group_sums, top_groups
+from osscar_opt.backends._scores import input_energy, top_groups, weighted_group_scores
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
 
@@ -36,15 +34,9 @@ class FluctuationBackend(Backend):
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
         check_options(self.name, options, ())
-        weight = problem.reference_weight().to(torch.float64).cpu()
-        p_in = problem.num_inputs
         if problem.input_var is not None:
-            spread, source = problem.input_var.to(torch.float64).cpu(), "input_var"
-        elif problem.xtx_diag is not None:
-            spread, source = problem.xtx_diag[:p_in].to(torch.float64).cpu(), "xtx_diag (no input_var)"
+            spread, source = problem.input_var, "input_var"
         else:
-            spread = (torch.diagonal(problem.H)[:p_in].to(torch.float64).cpu() - problem.lam).clamp_min(0)
-            source = "diag(H) - lam (no input_var)"
-        column_scores = weight.square().sum(0) * spread
-        support = top_groups(group_sums(problem, column_scores), keep)
+            spread, source = input_energy(problem), "input energy (no input_var)"
+        support = top_groups(weighted_group_scores(problem, spread), keep)
         return SearchResult(support, info={"spread": source})

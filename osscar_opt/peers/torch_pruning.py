@@ -66,6 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from osscar_opt.adapters.base import check_batch_size
 from osscar_opt.budget import check_sparsity, keep_count
 
 IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor")
@@ -128,8 +129,7 @@ def prune_with_torch_pruning(
     neuron_sparsity = check_sparsity(neuron_sparsity, "neuron_sparsity")
     if not isinstance(importance, str) or importance not in IMPORTANCES:
         raise ValueError(f"importance: expected one of {list(IMPORTANCES)}, got {importance!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     layers, shape = _check_model(model)
     vocab = int(model.get_input_embeddings().num_embeddings)
     if calibration_ids is None:
