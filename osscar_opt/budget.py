@@ -12,7 +12,7 @@ CLI flags fill it; a per-layer allocation only has to implement :meth:`Budget.ke
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 KINDS: tuple[str, ...] = ("heads", "kv_groups", "neurons", "channels")
@@ -87,3 +87,111 @@ def as_budget(budgets: Budget | Mapping[str, float]) -> Budget:
         f"budgets: expected a mapping of structure kind ({', '.join(KINDS)}) to sparsity, "
         f"or an object with keep(name, kind, num_groups), got {type(budgets).__name__}"
     )
+
+
+TARGET_METRICS: tuple[str, ...] = ("macs", "params", "speedup")
+NORMALIZATIONS: tuple[str, ...] = ("relative", "stage")
+"""Loss-curve normalizations (:mod:`osscar_opt.curves`)."""
+DEFAULT_NORMALIZATION = "relative"
+"""Global targets: a fraction of the dense MACs or parameters to keep, or a latency speed-up."""
+
+
+class CostTarget:
+    """A global target; the pipeline chooses every structure's keep from loss curves.
+
+    ``CostTarget("macs", 0.6)`` keeps 60% of the dense model's MACs (on the calibration batch
+    shape), ``CostTarget("params", 0.7)`` 70% of its parameters, ``CostTarget("speedup", 1.5)`` a
+    forward pass 1.5x as fast as the dense one on this device (latency table measured per stage
+    shape, :mod:`osscar_opt.costs`). :func:`osscar_opt.pipeline.prune` computes a loss curve for every
+    structure of ``kinds`` on the dense model (:mod:`osscar_opt.curves`), measures the cost of every
+    keep, and allocates by dynamic programming (:mod:`osscar_opt.allocate`); :meth:`keep` then
+    answers from that allocation.
+
+    Args:
+        metric: one of :data:`TARGET_METRICS`.
+        value: for ``macs`` / ``params`` the fraction of the dense cost kept, in ``(0, 1]``; for
+            ``speedup`` the dense latency over the pruned latency, ``>= 1``.
+        kinds: structure kinds that may be pruned (default: every kind the model has).
+        min_keep: the fraction of each structure's groups always kept, in ``[0, 1]``; at least one
+            group is always kept (a whole attention layer or MLP is never removed).
+        grid: keep counts per curve (every count for structures with at most ``grid`` groups).
+        normalize: how curves are made comparable across layers (``osscar_opt.curves.NORMALIZATIONS``).
+        reallocate: after each stage is pruned, recompute the next stage's curves on the pruned
+            model's inputs and re-allocate the remaining budget over the stages not yet pruned.
+        curve_swaps: swap moves at each curve point (None: 16 on layers of at most 128 groups, 0
+            on larger ones, where the staged-removal path alone is used).
+        latency_cache: cache latency tables on disk (``speedup`` only).
+    """
+
+    def __init__(
+        self,
+        metric: str,
+        value: float,
+        *,
+        kinds: Iterable[str] | None = None,
+        min_keep: float = 0.0,
+        grid: int = 32,
+        normalize: str = DEFAULT_NORMALIZATION,
+        reallocate: bool = False,
+        curve_swaps: int | None = None,
+        latency_cache: bool = True,
+    ) -> None:
+        if metric not in TARGET_METRICS:
+            raise ValueError(f"metric: expected one of {list(TARGET_METRICS)}, got {metric!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"target {metric}: expected a number, got {value!r}")
+        if metric == "speedup" and value < 1:
+            raise ValueError(f"target speedup: expected a speed-up >= 1 (dense latency / pruned latency), got {value!r}")
+        if metric != "speedup" and not 0 < value <= 1:
+            raise ValueError(f"target {metric}: expected the fraction of the dense {metric} kept, in (0, 1], got {value!r}")
+        chosen = list(KINDS) if kinds is None else list(kinds)
+        unknown = sorted(str(kind) for kind in chosen if kind not in KINDS)
+        if unknown or not chosen:
+            raise ValueError(f"kinds: expected some of {list(KINDS)}, got {chosen!r}")
+        if isinstance(min_keep, bool) or not isinstance(min_keep, int | float) or not 0 <= min_keep <= 1:
+            raise ValueError(f"min_keep: expected a fraction in [0, 1], got {min_keep!r}")
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+            raise ValueError(f"grid: expected an integer >= 2, got {grid!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
+        if curve_swaps is not None and (isinstance(curve_swaps, bool) or not isinstance(curve_swaps, int)
+                                        or curve_swaps < 0):
+            raise ValueError(f"curve_swaps: expected a non-negative integer or None, got {curve_swaps!r}")
+        self.metric = metric
+        self.value = float(value)
+        self.pruned_kinds = set(chosen)
+        self.min_keep = float(min_keep)
+        self.grid = grid
+        self.normalize = normalize
+        self.reallocate = bool(reallocate)
+        self.curve_swaps = curve_swaps
+        self.latency_cache = bool(latency_cache)
+        self.allocation: dict[str, int] | None = None
+
+    @property
+    def cost_metric(self) -> str:
+        """What the costs are measured in: ``macs``, ``params`` or ``latency`` (milliseconds)."""
+        return "latency" if self.metric == "speedup" else self.metric
+
+    def capacity(self, dense_cost: float) -> float:
+        """The largest total cost allowed, given the dense model's cost."""
+        return dense_cost / self.value if self.metric == "speedup" else dense_cost * self.value
+
+    def keep(self, name: str, kind: str, num_groups: int) -> int | None:
+        if self.allocation is None:
+            raise RuntimeError("CostTarget: no allocation yet; pass the target to osscar_opt.prune as its budget")
+        keep = self.allocation.get(name)
+        return None if keep is None or keep >= num_groups else keep
+
+    def kinds(self) -> set[str]:
+        return set(self.pruned_kinds)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target": self.metric, "value": self.value, "kinds": sorted(self.pruned_kinds),
+            "min_keep": self.min_keep, "grid": self.grid, "normalize": self.normalize,
+            "reallocate": self.reallocate,
+        }
+
+    def __repr__(self) -> str:
+        return f"CostTarget({self.metric!r}, {self.value})"

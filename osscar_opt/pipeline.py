@@ -20,6 +20,7 @@ Only one stage's activations are held in memory. The model is pruned in place.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,11 @@ from torch import nn
 from osscar_opt.accumulator import SplitAccumulator, StatsAccumulator, choose_damp
 from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
 from osscar_opt.adapters.registry import adapter_for
-from osscar_opt.budget import Budget, as_budget
+from osscar_opt.allocate import Choices, InfeasibleTarget, allocate, floor_cost
+from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
+from osscar_opt.budget import Budget, CostTarget, as_budget
+from osscar_opt.costs import StageCoster, model_cost
+from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
 from osscar_opt.formulations.surgery import apply_solution
 from osscar_opt.solving import solve
@@ -200,18 +205,10 @@ class _StagePruner:
             handle.remove()
         return accumulator
 
-    def prune_structure(self, position: int, pruned_in, calls, targets) -> LayerRecord | None:
-        """Calibrate the live stage's structure at ``position``, solve it and cut it."""
-        structure = self.stage.structures(self.stage.module)[position]
-        keep = self.budget.keep(structure.name, structure.kind, structure.num_groups)
-        if keep is None:
-            return None
-        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= structure.num_groups:
-            raise ValueError(
-                f"budgets: keep for {structure.name} must be an integer in [1, {structure.num_groups}] "
-                f"(or None to leave it alone), got {keep!r}"
-            )
-        start = time.perf_counter()
+    def build_problem(self, structure: Structure, pruned_in, calls, targets):
+        """Calibrate ``structure`` and lower it: ``(problem, accumulator, lowering)``; under
+        ``damp="auto"`` the problem is the fit samples' at ridge ``SEARCH_DAMP`` with the held-out
+        moments attached."""
         consumer = structure.consumer
         accumulator = self.calibrate(structure, pruned_in, calls, targets)
         W = structure.weight()
@@ -225,6 +222,22 @@ class _StagePruner:
             problem.heldout = accumulator.heldout.moments(W, **lowering)
         else:
             problem = accumulator.problem(W, structure.groups, damp=self.options.damp, meta=meta, **lowering)
+        return problem, accumulator, lowering
+
+    def prune_structure(self, position: int, pruned_in, calls, targets) -> LayerRecord | None:
+        """Calibrate the live stage's structure at ``position``, solve it and cut it."""
+        structure = self.stage.structures(self.stage.module)[position]
+        keep = self.budget.keep(structure.name, structure.kind, structure.num_groups)
+        if keep is None:
+            return None
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= structure.num_groups:
+            raise ValueError(
+                f"budgets: keep for {structure.name} must be an integer in [1, {structure.num_groups}] "
+                f"(or None to leave it alone), got {keep!r}"
+            )
+        start = time.perf_counter()
+        problem, accumulator, lowering = self.build_problem(structure, pruned_in, calls, targets)
+        W, meta = structure.weight(), problem.meta
         problem.keep = keep
         calibration_seconds = time.perf_counter() - start
         if self.options.save_problems is not None:
@@ -275,6 +288,137 @@ class _StagePruner:
                 for hidden, call in zip(pruned_in, calls, strict=True)
             ]
         return records, dense_out, pruned_out
+
+
+class _Allocator:
+    """Chooses every structure's keep for a :class:`CostTarget` (docs/architecture.md, "Targets").
+
+    One pass over the dense model computes each structure's loss curve (:mod:`osscar_opt.curves`)
+    and cost table (:mod:`osscar_opt.costs`, on the first calibration batch); the keeps come from the
+    dynamic program of :mod:`osscar_opt.allocate`. With ``reallocate``, each stage's curves are
+    recomputed on the pruned model's inputs just before it is pruned and the budget left is
+    allocated again over the stages not yet pruned.
+    """
+
+    def __init__(self, adapter: ModelAdapter, target: CostTarget, options: _Options, batches, calls) -> None:
+        self.adapter = adapter
+        self.target = target
+        self.options = options
+        self.batches = batches
+        self.calls = calls
+        self.metric = target.cost_metric
+        self.choices: dict[str, tuple[int, Choices, Curve]] = {}
+        self.dense_cost = 0.0
+        self.capacity = 0.0
+        self.seconds = 0.0
+
+    def stage_choices(self, index: int, stage: Stage, hidden: list[torch.Tensor], costs: bool = True) -> None:
+        """Curves (and, with ``costs``, cost tables) of ``stage``'s targeted structures on ``hidden``."""
+        pruner = _StagePruner(self.adapter, index, stage, self.target, self.options)
+        coster = StageCoster(self.adapter, stage, hidden[0], self.calls[0], self.metric,
+                             cache=self.target.latency_cache) if costs else None
+        for position, structure in enumerate(stage.structures(stage.module)):
+            if structure.kind not in self.target.kinds():
+                continue
+            n = structure.num_groups
+            keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
+            problem, accumulator, lowering = pruner.build_problem(structure, hidden, self.calls, None)
+            swaps = self.target.curve_swaps
+            if swaps is None:
+                swaps = DEFAULT_CURVE_SWAPS if n <= SMALL_PROBLEM_GROUPS else 0
+            curve = loss_curve(problem, keeps, swaps=swaps, name=structure.name, kind=structure.kind)
+            whole = accumulator.merged() if self.options.split else accumulator
+            samples = sum(int(h.shape[0]) for h in hidden)
+            stage_energy = sum(float(h.double().square().sum()) for h in hidden)
+            layer_energy = whole.moments(structure.weight(), **lowering).y_square
+            normalize(curve, self.target.normalize, layer_energy=layer_energy / samples,
+                      stage_energy=stage_energy / samples)
+            table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
+            self.choices[structure.name] = (index, Choices(structure.name, structure.kind, keeps, curve.losses, table),
+                                            curve)
+
+    def initial(self, dense_in: list[torch.Tensor], progress: bool) -> None:
+        """Curves and costs of every stage on the dense model, then the allocation."""
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        self.target.allocation = None
+        self.dense_cost = model_cost(self.adapter.model, self.batches[0], self.metric)
+        self.capacity = self.target.capacity(self.dense_cost)
+        hidden = dense_in
+        stages = self.adapter.stages()
+        with torch.no_grad():
+            for index in tqdm(range(len(stages)), desc="loss curves", unit="stage", disable=not progress):
+                self.stage_choices(index, stages[index], hidden)
+                if index + 1 < len(stages):
+                    hidden = [self.adapter.run_stage(stages[index], h, c).detach()
+                              for h, c in zip(hidden, self.calls, strict=True)]
+        if not self.choices:
+            raise ValueError(f"budgets: the target prunes {sorted(self.target.kinds())}, which this model lacks")
+        self._allocate(0)
+        self.seconds += time.perf_counter() - start
+
+    def reallocate(self, index: int, stage: Stage, pruned_in: list[torch.Tensor]) -> None:
+        """Before stage ``index`` is pruned: its curves on ``pruned_in``, then the budget left over
+        the stages from ``index`` on."""
+        if not any(stage_index == index for stage_index, _, _ in self.choices.values()):
+            return
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.stage_choices(index, stage, pruned_in, costs=False)
+        self._allocate(index)
+        self.seconds += time.perf_counter() - start
+
+    def _allocate(self, first_stage: int) -> None:
+        allocation = dict(self.target.allocation or {})
+        spent = sum(
+            choices.costs[choices.keeps.index(allocation[name])]
+            for name, (stage, choices, _) in self.choices.items() if stage < first_stage
+        )
+        open_choices = [choices for stage, choices, _ in self.choices.values() if stage >= first_stage]
+        capacity = self.capacity - self.dense_cost - spent
+        try:
+            allocation.update(allocate(open_choices, capacity))
+        except InfeasibleTarget:
+            floor = (self.dense_cost + spent + floor_cost(open_choices)) / self.dense_cost
+            raise ValueError(self._infeasible_message(floor)) from None
+        self.target.allocation = allocation
+
+    def _infeasible_message(self, floor: float) -> str:
+        target = self.target
+        reached = f"{floor:.3f} of its dense {self.metric}" if target.metric != "speedup" else (
+            f"a speed-up of {1 / floor:.2f}x")
+        return (
+            f"target {target.metric}={target.value:g} cannot be met: with every prunable structure of kinds "
+            f"{sorted({choices.kind for _, choices, _ in self.choices.values()})} at its minimum keep (min_keep={target.min_keep:g}, at least one group each) the "
+            f"model reaches only {reached}; the rest (embeddings, output layers, structures of other kinds) is not pruned. "
+            "Relax the target, lower min_keep or prune more kinds."
+        )
+
+    def predicted_cost(self) -> float:
+        allocation = self.target.allocation or {}
+        return self.dense_cost + sum(
+            choices.costs[choices.keeps.index(allocation[name])] for name, (_, choices, _) in self.choices.items()
+        )
+
+    def summary(self, achieved: bool = False) -> dict[str, Any]:
+        """The allocation for the report; with ``achieved``, the pruned model's cost measured on the
+        same batch (``achieved_cost``, ``achieved_fraction``)."""
+        predicted = self.predicted_cost()
+        measured = {}
+        if achieved:
+            cost = model_cost(self.adapter.model, self.batches[0], self.metric)
+            measured = {"achieved_cost": cost, "achieved_fraction": cost / self.dense_cost if self.dense_cost else 1.0}
+        return {**measured,
+            **self.target.to_dict(), "metric": self.metric, "dense_cost": self.dense_cost,
+            "capacity": self.capacity, "predicted_cost": predicted,
+            "predicted_fraction": predicted / self.dense_cost if self.dense_cost else 1.0,
+            "keep": dict(self.target.allocation or {}), "seconds": self.seconds,
+            "curves": [
+                {**curve.to_dict(), "stage": stage, "costs": choices.costs}
+                for stage, choices, curve in self.choices.values()
+            ],
+        }
 
 
 @dataclass
@@ -465,14 +609,23 @@ def prune(
         report.settings["plan"] = asdict(plan)
         if progress:
             tqdm.write(plan.describe())
+        allocator = None
+        if isinstance(budget, CostTarget):
+            allocator = _Allocator(adapter, budget, options, batches, calls)
+            allocator.initial(dense_in, progress)
+            report.settings["allocation"] = allocator.summary()
         pruned_in = dense_in
         if target == "pruned-input":
             dense_in = None  # no dense copy runs
         stages = adapter.stages()
         for index in tqdm(range(len(stages)), desc="pruning", unit="stage", disable=not progress):
+            if allocator is not None and budget.reallocate and index > 0:
+                allocator.reallocate(index, stages[index], pruned_in)
             pruner = _StagePruner(adapter, index, stages[index], budget, options)
             records, dense_in, pruned_in = pruner.run(dense_in, pruned_in, calls)
             report.layers.extend(records)
+        if allocator is not None:
+            report.settings["allocation"] = allocator.summary(achieved=True)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start

@@ -168,7 +168,7 @@ class SwapSearch:
         return True
 
 
-def _swap_loop(search: SwapSearch, swap_size: int, max_swaps: int, deadline: float | None) -> None:
+def swap_loop(search: SwapSearch, swap_size: int, max_swaps: int, deadline: float | None) -> None:
     """Batch moves of halving size, then best single swaps, until none improves or a budget is spent."""
     size = swap_size
     moves = 0
@@ -257,7 +257,7 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
     candidates = {"removal": state.support()}
     if 0 < keep < num_groups and max_swaps > 0:
         state.track_outside()
-        _swap_loop(search, swap_size, max_swaps, deadline)
+        swap_loop(search, swap_size, max_swaps, deadline)
         best_support, best_loss = state.support(), state.loss
         candidates["swaps"] = best_support
         generator = torch.Generator().manual_seed(seed)
@@ -266,7 +266,7 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
             if (deadline is not None and time.perf_counter() > deadline) or stale >= patience:
                 break
             _perturb(state, dead, max(1, (min(keep, removal_count) + 1) // 2), generator)
-            _swap_loop(search, swap_size, max_swaps, deadline)
+            swap_loop(search, swap_size, max_swaps, deadline)
             restarts_run += 1
             candidates[f"restart {restarts_run}"] = state.support()
             if search.improves(state.loss, best_loss):
@@ -283,7 +283,7 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
                 greedy_state, dead, swap_candidates=swap_candidates, refresh_every=refresh_every,
                 tolerance=tolerance,
             )
-            _swap_loop(greedy_search, swap_size, max_swaps, deadline)
+            swap_loop(greedy_search, swap_size, max_swaps, deadline)
             candidates["greedy descent"] = greedy_state.support()
             if search.improves(greedy_state.loss, best_loss):
                 best_support, best_loss = greedy_state.support(), greedy_state.loss

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from osscar_opt.budget import check_sparsity
+from osscar_opt.budget import DEFAULT_NORMALIZATION, KINDS, NORMALIZATIONS, check_sparsity
 from osscar_opt.commands.options import (
     add_backend_arguments,
     add_calibration_arguments,
@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None,
                         help="all-minilm-l6-v2 (default), smollm2, a local Hugging Face folder, a .gguf file, "
                         "or a torchvision architecture name")
-    parser.add_argument("--heads-sparsity", type=float, default=0.25,
+    parser.add_argument("--heads-sparsity", type=float, default=None,
                         help="fraction of attention heads (KV groups for GQA) removed per block (default 0.25)")
-    parser.add_argument("--neurons-sparsity", type=float, default=0.25,
+    parser.add_argument("--neurons-sparsity", type=float, default=None,
                         help="fraction of MLP neurons removed per block (default 0.25)")
     parser.add_argument("--channels-sparsity", type=float, default=None,
                         help="fraction of conv channels removed (torchvision models only)")
@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="safetensors file with an 'images' tensor (N, 3, H, W) (torchvision models only)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="digits training epochs when no --weights are given (torchvision models only)")
+    add_target_arguments(parser)
     add_backend_arguments(parser)
     add_calibration_arguments(parser)
     parser.add_argument("--samples", type=int, default=None, help=f"calibration samples (default {DEFAULT_SAMPLES})")
@@ -71,7 +72,63 @@ def _check_common(args: argparse.Namespace) -> None:
     backends.get(args.backend)  # an unknown backend fails before any model is loaded
 
 
-def _transformer_budgets(args: argparse.Namespace) -> dict[str, float]:
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--target-macs`` / ``--target-params`` / ``--target-speedup`` and the allocation options."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--target-macs", type=float, default=None, metavar="FRACTION",
+                       help="keep this fraction of the dense MACs (calibration batch shape); per-layer keeps are "
+                       "allocated from loss curves instead of a uniform sparsity")
+    group.add_argument("--target-params", type=float, default=None, metavar="FRACTION",
+                       help="keep this fraction of the dense parameters (allocated per layer)")
+    group.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                       help="dense latency / pruned latency on this device, >= 1 (latency table measured per block "
+                       "shape and cached; allocated per layer)")
+    parser.add_argument("--target-kinds", default=None, metavar="KINDS",
+                        help="comma-separated structure kinds a target may prune (default: all the model has: "
+                        f"{', '.join(KINDS)})")
+    parser.add_argument("--min-keep", type=float, default=0.0, metavar="FRACTION",
+                        help="with a target: fraction of every structure's groups always kept (default 0: at least one)")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION,
+                        help="with a target: loss-curve normalization, relative (loss / layer output energy) or stage "
+                        f"(loss / block input energy); default {DEFAULT_NORMALIZATION}")
+    parser.add_argument("--reallocate", action="store_true",
+                        help="with a target: re-allocate the remaining budget after each block from curves on the "
+                        "pruned model's inputs")
+
+
+def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
+    """The :class:`CostTarget` the flags ask for, or None; a target given together with a uniform
+    sparsity flag is refused, naming both."""
+    from osscar_opt.budget import CostTarget
+
+    given = [(name, getattr(args, f"target_{name}")) for name in ("macs", "params", "speedup")]
+    given = [(name, value) for name, value in given if value is not None]
+    if not given:
+        return None
+    metric, value = given[0]
+    for flag in uniform_flags:
+        if getattr(args, flag) is not None:
+            raise ValueError(
+                f"--target-{metric} and --{flag.replace('_', '-')}: a global target chooses every layer's sparsity; "
+                "give one or the other"
+            )
+    kinds = None if args.target_kinds is None else [k.strip() for k in args.target_kinds.split(",") if k.strip()]
+    if kinds is not None and "heads" in kinds and "kv_groups" not in kinds:
+        kinds.append("kv_groups")  # as --heads-sparsity: KV groups for GQA models
+    return CostTarget(metric, value, kinds=kinds, min_keep=args.min_keep, normalize=args.normalize,
+                      reallocate=args.reallocate)
+
+
+def _check_target_flags(args: argparse.Namespace, target) -> None:
+    if target is None:
+        for flag, default in (("target_kinds", None), ("min_keep", 0.0), ("normalize", DEFAULT_NORMALIZATION),
+                              ("reallocate", False)):
+            if getattr(args, flag) != default:
+                raise ValueError(f"--{flag.replace('_', '-')}: applies only with --target-macs, --target-params "
+                                 "or --target-speedup")
+
+
+def _transformer_budgets(args: argparse.Namespace):
     if args.channels_sparsity is not None or args.weights is not None:
         from osscar_opt.adapters.registry import vision_architectures
 
@@ -79,8 +136,12 @@ def _transformer_budgets(args: argparse.Namespace) -> dict[str, float]:
             f"model: --channels-sparsity and --weights apply to torchvision models only "
             f"({', '.join(vision_architectures())}), got {args.model!r}"
         )
-    heads = check_sparsity(args.heads_sparsity, "heads_sparsity")
-    neurons = check_sparsity(args.neurons_sparsity, "neurons_sparsity")
+    target = cost_target(args, ("heads_sparsity", "neurons_sparsity"))
+    _check_target_flags(args, target)
+    if target is not None:
+        return target
+    heads = check_sparsity(0.25 if args.heads_sparsity is None else args.heads_sparsity, "heads_sparsity")
+    neurons = check_sparsity(0.25 if args.neurons_sparsity is None else args.neurons_sparsity, "neurons_sparsity")
     return {"heads": heads, "kv_groups": heads, "neurons": neurons}
 
 
@@ -145,9 +206,16 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
     from osscar_opt.io import torchvision as torchvision_io
     from osscar_opt.pipeline import prune_vision
 
-    if args.channels_sparsity is None:
-        raise ValueError("channels_sparsity: required for torchvision models (--channels-sparsity, in [0, 1))")
-    budgets = {"channels": check_sparsity(args.channels_sparsity, "channels_sparsity")}
+    if args.heads_sparsity is not None or args.neurons_sparsity is not None:
+        raise ValueError("--heads-sparsity / --neurons-sparsity: torchvision models have conv channels only; "
+                         "use --channels-sparsity or a --target-* flag")
+    budgets = cost_target(args, ("channels_sparsity",))
+    _check_target_flags(args, budgets)
+    if budgets is None:
+        if args.channels_sparsity is None:
+            raise ValueError("channels_sparsity: required for torchvision models (--channels-sparsity, in [0, 1)), "
+                             "or give --target-macs, --target-params or --target-speedup")
+        budgets = {"channels": check_sparsity(args.channels_sparsity, "channels_sparsity")}
     _check_common(args)
     device = torch.device(args.device or "cpu")
     recipe = digits.TRAINING_DEFAULTS.get(args.model, digits.DEFAULT_TRAINING)
@@ -204,6 +272,26 @@ def _print_vision_summary(document: dict[str, Any], backend: str, seconds: float
     print(line)
 
 
+def describe_allocation(allocation: dict[str, Any]) -> str:
+    """Target against predicted and achieved cost, in one paragraph for the summary."""
+    metric, value = allocation["target"], allocation["value"]
+    unit = {"macs": "MACs", "params": "parameters", "latency": "latency"}[allocation["metric"]]
+
+    def share(fraction: float) -> str:
+        return f"{1 / fraction:.2f}x speed-up" if metric == "speedup" else f"{fraction:.3f} of dense {unit}"
+
+    wanted = f"{value:.2f}x speed-up" if metric == "speedup" else f"{value:.3f} of dense {unit}"
+    line = f"target {wanted}: allocated {share(allocation['predicted_fraction'])} (predicted)"
+    if "achieved_fraction" in allocation:
+        line += f", {share(allocation['achieved_fraction'])} measured on the calibration batch"
+    kinds: dict[str, list[float]] = {}
+    for curve in allocation["curves"]:
+        keep = allocation["keep"].get(curve["name"], curve["num_groups"])
+        kinds.setdefault(curve["kind"], []).append(keep / curve["num_groups"])
+    spread = "; ".join(f"{kind} kept {min(v):.2f}-{max(v):.2f} per layer" for kind, v in sorted(kinds.items()))
+    return f"{line}\n{spread} (loss curves and allocation {allocation['seconds']:.1f} s)"
+
+
 def run(args: argparse.Namespace) -> int:
     from osscar_opt.adapters.registry import vision_architectures
 
@@ -211,8 +299,18 @@ def run(args: argparse.Namespace) -> int:
         document = prune_torchvision(args)
     else:
         document = prune_transformer(args)
+    allocation = document.get("settings", {}).get("allocation")
+    if allocation is not None:
+        print(describe_allocation(allocation))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(document, indent=1))
         print(f"wrote the report to {args.report}")
+        if allocation is not None:
+            from osscar_opt.plots import keep_heatmap
+
+            picture = keep_heatmap(document, Path(args.report).with_suffix(".keep.png"),
+                                   title=f"{document.get('model', '')} kept share, target {allocation['target']} "
+                                   f"{allocation['value']:g}")
+            print(f"wrote the kept-share heat map to {picture}")
     return 0

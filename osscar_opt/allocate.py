@@ -1,0 +1,151 @@
+"""Global allocation: how many groups each structure keeps so that the model meets a cost target.
+
+Every structure ``i`` offers a few keep counts ``keeps_i`` (a grid), each with a normalized loss
+``loss_i(k)`` (from its loss curve, :mod:`osscar_opt.curves`) and a cost ``cost_i(k)`` (MACs,
+parameters or milliseconds, :mod:`osscar_opt.costs`). The allocation solves
+
+    minimize  sum_i loss_i(k_i)   subject to   sum_i cost_i(k_i) <= capacity,   k_i in keeps_i
+
+by dynamic programming over costs discretized into ``resolution`` units of the slack above the
+cheapest choice. Costs are rounded *up*, so the true cost of the answer never exceeds the capacity;
+the answer is exact for the discretized problem (a test compares it with brute force). With 60
+structures, 33 keeps each and 10,000 units it runs in tens of milliseconds.
+
+Knows no model and no torch module: only numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_RESOLUTION = 10_000
+
+
+@dataclass
+class Choices:
+    """What one structure may keep, and what each choice loses and costs.
+
+    Attributes:
+        name: the structure's name (the consumer's qualified name in the model).
+        kind: its structure kind (``heads``, ``kv_groups``, ``neurons``, ``channels``).
+        keeps: allowed kept-group counts, ascending.
+        losses: normalized loss at each keep (any real numbers; smaller is better).
+        costs: cost of the structure at each keep (same unit for every structure).
+    """
+
+    name: str
+    kind: str
+    keeps: list[int]
+    losses: list[float]
+    costs: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.keeps or not len(self.keeps) == len(self.losses) == len(self.costs):
+            raise ValueError(
+                f"choices[{self.name!r}]: keeps, losses and costs must be non-empty and of equal length, got "
+                f"{len(self.keeps)}, {len(self.losses)}, {len(self.costs)}"
+            )
+        for label, values in (("losses", self.losses), ("costs", self.costs)):
+            if not all(math.isfinite(float(v)) for v in values):
+                raise ValueError(f"choices[{self.name!r}]: {label} must be finite, got {values}")
+
+
+class InfeasibleTarget(ValueError):
+    """No allocation meets the capacity, even with every structure at its smallest keep."""
+
+
+def floor_cost(choices: Sequence[Choices]) -> float:
+    """The smallest total cost any allocation can reach (every structure at its cheapest keep)."""
+    return float(sum(min(c.costs) for c in choices))
+
+
+def allocate(
+    choices: Sequence[Choices], capacity: float, *, resolution: int = DEFAULT_RESOLUTION
+) -> dict[str, int]:
+    """The keep per structure that minimizes the summed loss with total cost at most ``capacity``.
+
+    Args:
+        choices: one entry per structure (names unique).
+        capacity: the largest total cost allowed (same unit as the choices' costs).
+        resolution: cost units the slack ``capacity - floor_cost`` is divided into.
+
+    Returns:
+        ``{name: keep}``. Ties go to the larger keep.
+
+    Raises:
+        InfeasibleTarget: ``capacity`` is below the cheapest allocation.
+    """
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution: expected a positive integer, got {resolution!r}")
+    names = [c.name for c in choices]
+    if len(set(names)) != len(names):
+        raise ValueError("choices: structure names must be unique")
+    if not choices:
+        return {}
+    floor = floor_cost(choices)
+    slack = float(capacity) - floor
+    scale = max(abs(floor), abs(float(capacity)), 1e-300)
+    if slack < -1e-12 * scale:
+        raise InfeasibleTarget(f"capacity {capacity:g} is below the cheapest allocation {floor:g}")
+    slack = max(slack, 0.0)
+    units, loss_tables = _discretize(choices, slack, resolution)
+    picks = _dynamic_program(units, loss_tables, resolution)
+    return {c.name: c.keeps[j] for c, j in zip(choices, picks, strict=True)}
+
+
+def _discretize(choices: Sequence[Choices], slack: float, resolution: int):
+    """Each choice's cost above its structure's cheapest, in units of ``slack / resolution``,
+    rounded up; choices that cannot fit even alone get ``resolution + 1`` (never picked)."""
+    unit = slack / resolution if slack > 0 else 0.0
+    units, losses = [], []
+    for c in choices:
+        extra = np.asarray(c.costs, dtype=np.float64) - min(c.costs)
+        if unit > 0:
+            steps = np.ceil(extra / unit - 1e-9).astype(np.int64)
+        else:
+            steps = np.where(extra > 0, resolution + 1, 0)
+        units.append(np.clip(steps, 0, resolution + 1))
+        losses.append(np.asarray(c.losses, dtype=np.float64))
+    return units, losses
+
+
+def _dynamic_program(units: list[np.ndarray], losses: list[np.ndarray], resolution: int) -> list[int]:
+    """``best[c]``: least summed loss of the structures so far with total units ``<= c``."""
+    best = np.zeros(resolution + 1)
+    picks = []
+    for steps, loss in zip(units, losses, strict=True):
+        new = np.full(resolution + 1, np.inf)
+        pick = np.full(resolution + 1, -1, dtype=np.int32)
+        for j in range(len(loss)):  # keeps ascend: on equal loss the larger keep wins (<=)
+            step = int(steps[j])
+            if step > resolution:
+                continue
+            candidate = np.full(resolution + 1, np.inf)
+            candidate[step:] = best[: resolution + 1 - step] + loss[j]
+            better = (candidate <= new) & np.isfinite(candidate)
+            new = np.where(better, candidate, new)
+            pick = np.where(better, j, pick)
+        best = new
+        picks.append(pick)
+    # Backtrack from the full capacity.
+    chosen = []
+    remaining = resolution
+    for steps, pick in zip(reversed(units), reversed(picks), strict=True):
+        j = int(pick[remaining])
+        if j < 0:
+            raise InfeasibleTarget("no allocation fits the capacity")
+        chosen.append(j)
+        remaining -= int(steps[j])
+    return list(reversed(chosen))
+
+
+def total(choices: Sequence[Choices], keep: dict[str, int], what: str = "costs") -> float:
+    """Summed ``costs`` (or ``losses``) of an allocation ``{name: keep}``."""
+    result = 0.0
+    for c in choices:
+        result += float(getattr(c, what)[c.keeps.index(keep[c.name])])
+    return result

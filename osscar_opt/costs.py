@@ -1,0 +1,210 @@
+"""Cost model: what a structure costs at each keep count, in MACs, parameters or milliseconds.
+
+Costs are measured on the actual modules, not derived from per-family formulas: a deep copy of the
+stage is cut to ``k`` groups (surgery with the first ``k`` groups; the weights' values do not
+matter) and then
+
+* ``macs``: torch's FLOP counter over one stage call on the cost batch, divided by two (the
+  same counter :func:`osscar_opt.evaluate.count_macs` reports, so targets and reports agree). Linear
+  in ``k`` for every structure here (projections, attention within a head, conv channels), so it
+  is measured at the full width and at ``k = 1`` and interpolated: exact, checked by a test;
+* ``params``: the parameters of the cut stage (exact, linear in ``k`` the same way);
+* ``latency``: the median wall time of the stage call (milliseconds) at a few keeps, interpolated
+  between them and made non-decreasing in ``k``, ZipLM-style. Tables are cached on disk per stage
+  shape, device, dtype, batch shape and torch version (JSON under ``$OSSCAR_CACHE`` or
+  ``~/.cache/osscar_opt``), so a model's identical blocks are timed once and a second run times
+  nothing.
+
+A structure's cost table holds ``cost(k) - cost(full)`` (zero or negative): how much the model's
+cost changes when only this structure is cut to ``k``. The model's predicted cost is the dense
+cost plus the sum over structures (exact for MACs and parameters; the latency model assumes the
+savings add up, and the pipeline reports the measured latency beside the prediction).
+
+Touches modules (copies of them) only through the adapter's stages and
+:mod:`osscar_opt.formulations.surgery`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall, first_output
+from osscar_opt.formulations.structures import rows_for
+from osscar_opt.formulations.surgery import apply_solution
+
+METRICS = ("macs", "params", "latency")
+LATENCY_POINTS = 9
+LATENCY_REPEATS = 7
+
+
+def cache_dir() -> Path:
+    """Where latency tables are cached: ``$OSSCAR_CACHE`` or ``~/.cache/osscar_opt``."""
+    return Path(os.environ.get("OSSCAR_CACHE") or Path.home() / ".cache" / "osscar_opt")
+
+
+def _distinct_parameters(module: nn.Module) -> int:
+    return int(sum({id(p): p.numel() for p in module.parameters()}.values()))
+
+
+@torch.no_grad()
+def _macs(call) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    return int(counter.get_total_flops() // 2)
+
+
+@torch.no_grad()
+def median_ms(call, repeats: int = LATENCY_REPEATS, warmup: int = 2) -> tuple[float, float, float]:
+    """Median, minimum and maximum wall time of ``call()`` over ``repeats`` runs, milliseconds."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    times = []
+    for index in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        if index >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), min(times), max(times)
+
+
+def model_cost(model: nn.Module, batch: torch.Tensor, metric: str) -> float:
+    """The whole model's cost on ``batch`` (its calibration input: token ids or images)."""
+    check_metric(metric)
+    if metric == "params":
+        return float(_distinct_parameters(model))
+    with torch.no_grad():
+        if metric == "macs":
+            return float(_macs(lambda: model(batch)))
+        return median_ms(lambda: model(batch))[0]
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
+    return metric
+
+
+def cut_copy(stage: Stage, position: int, keep: int) -> nn.Module:
+    """A deep copy of ``stage.module`` whose structure at ``position`` keeps its first ``keep`` groups."""
+    module = copy.deepcopy(stage.module)
+    structure = stage.structures(module)[position]
+    if keep < structure.num_groups:
+        W = structure.weight()
+        columns = rows_for(structure.groups, range(keep)).to(W.device)
+        weights = torch.zeros_like(W)
+        weights[:, columns] = W[:, columns]
+        apply_solution(structure, range(keep), weights, None)
+    return module
+
+
+class StageCoster:
+    """Measures cost tables of one stage's structures on one batch (``hidden``, ``call``)."""
+
+    def __init__(self, adapter: ModelAdapter, stage: Stage, hidden: torch.Tensor, call: StageCall,
+                 metric: str, *, cache: bool = True) -> None:
+        self.adapter = adapter
+        self.stage = stage
+        self.hidden = hidden
+        self.call = call
+        self.metric = check_metric(metric)
+        self.cache = cache
+
+    def _measure(self, module: nn.Module) -> float:
+        if self.metric == "params":
+            return float(_distinct_parameters(module))
+        run = lambda: first_output(module(self.hidden, *self.call.args, **self.call.kwargs))  # noqa: E731
+        if self.metric == "macs":
+            return float(_macs(run))
+        return median_ms(run)[0]
+
+    def table(self, position: int, keeps: Sequence[int]) -> list[float]:
+        """``cost(k) - cost(full)`` of the structure at ``position`` for every ``k`` in ``keeps``."""
+        structure = self.stage.structures(self.stage.module)[position]
+        n = structure.num_groups
+        if self.metric in ("macs", "params"):
+            full = self._measure(self.stage.module)
+            one = self._measure(cut_copy(self.stage, position, 1)) if n > 1 else full
+            per_group = (full - one) / (n - 1) if n > 1 else 0.0
+            return [-(n - k) * per_group for k in keeps]
+        points = sorted({max(1, round(n * j / (LATENCY_POINTS - 1))) for j in range(LATENCY_POINTS)} | {n})
+        measured = self._latency_points(position, points)
+        full = measured[-1]
+        # Non-decreasing in k (timing noise must not make a wider layer look cheaper).
+        for index in range(len(measured) - 2, -1, -1):
+            measured[index] = min(measured[index], measured[index + 1])
+        return [float(_interpolate(points, measured, k)) - full for k in keeps]
+
+    def _latency_points(self, position: int, points: list[int]) -> list[float]:
+        key = self._cache_key(position, points)
+        path = cache_dir() / "latency.json"
+        stored = _read_cache(path) if self.cache else {}
+        if key in stored:
+            return list(stored[key])
+        measured = [self._measure(cut_copy(self.stage, position, k)) for k in points]
+        if self.cache:
+            _write_cache(path, key, measured)
+        return measured
+
+    def _cache_key(self, position: int, points: list[int]) -> str:
+        module = self.stage.module
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        signature = {
+            "module": type(module).__name__,
+            "shapes": [list(p.shape) for p in module.parameters()],
+            "position": position, "points": points,
+            "batch": list(self.hidden.shape), "dtype": str(self.hidden.dtype) if parameter is None
+            else str(parameter.dtype),
+            "device": f"{device.type}:{device_name}", "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
+    for index in range(1, len(xs)):
+        if x <= xs[index]:
+            x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return ys[-1]
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The cached tables, or {} when there is no cache or it is unreadable (never fatal)."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _write_cache(path: Path, key: str, measured: list[float]) -> None:
+    """Add one table to the cache atomically (write a temporary file, then rename); a cache that
+    cannot be written is skipped, not fatal."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = _read_cache(path)
+        document[key] = measured
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(document))
+        os.replace(temporary, path)
+    except OSError:
+        pass
