@@ -104,10 +104,7 @@ def _discretize(choices: Sequence[Choices], slack: float, resolution: int):
     units, losses = [], []
     for c in choices:
         extra = np.asarray(c.costs, dtype=np.float64) - min(c.costs)
-        if unit > 0:
-            steps = np.ceil(extra / unit - 1e-9).astype(np.int64)
-        else:
-            steps = np.where(extra > 0, resolution + 1, 0)
+        steps = np.ceil(extra / unit - 1e-9).astype(np.int64) if unit > 0 else np.where(extra > 0, resolution + 1, 0)
         units.append(np.clip(steps, 0, resolution + 1))
         losses.append(np.asarray(c.losses, dtype=np.float64))
     return units, losses

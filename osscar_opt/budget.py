@@ -90,9 +90,10 @@ def as_budget(budgets: Budget | Mapping[str, float]) -> Budget:
 
 
 TARGET_METRICS: tuple[str, ...] = ("macs", "params", "speedup")
+ALLOCATIONS: tuple[str, ...] = ("curves", "uniform")
 NORMALIZATIONS: tuple[str, ...] = ("relative", "stage")
 """Loss-curve normalizations (:mod:`osscar_opt.curves`)."""
-DEFAULT_NORMALIZATION = "relative"
+DEFAULT_NORMALIZATION = "stage"
 """Global targets: a fraction of the dense MACs or parameters to keep, or a latency speed-up."""
 
 
@@ -121,6 +122,9 @@ class CostTarget:
         curve_swaps: swap moves at each curve point (None: 16 on layers of at most 128 groups, 0
             on larger ones, where the staged-removal path alone is used).
         latency_cache: cache latency tables on disk (``speedup`` only).
+        allocation: ``"curves"`` (default): per-layer keeps from the loss curves; ``"uniform"``:
+            every layer of a kind keeps the same fraction (a multiple of ``1 / grid``), the fractions
+            of the kinds chosen from their summed curves: the uniform baseline at the same target.
     """
 
     def __init__(
@@ -135,15 +139,20 @@ class CostTarget:
         reallocate: bool = False,
         curve_swaps: int | None = None,
         latency_cache: bool = True,
+        allocation: str = "curves",
     ) -> None:
         if metric not in TARGET_METRICS:
             raise ValueError(f"metric: expected one of {list(TARGET_METRICS)}, got {metric!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"target {metric}: expected a number, got {value!r}")
         if metric == "speedup" and value < 1:
-            raise ValueError(f"target speedup: expected a speed-up >= 1 (dense latency / pruned latency), got {value!r}")
+            raise ValueError(
+                f"target speedup: expected a speed-up >= 1 (dense latency / pruned latency), got {value!r}"
+            )
         if metric != "speedup" and not 0 < value <= 1:
-            raise ValueError(f"target {metric}: expected the fraction of the dense {metric} kept, in (0, 1], got {value!r}")
+            raise ValueError(
+                f"target {metric}: expected the fraction of the dense {metric} kept, in (0, 1], got {value!r}"
+            )
         chosen = list(KINDS) if kinds is None else list(kinds)
         unknown = sorted(str(kind) for kind in chosen if kind not in KINDS)
         if unknown or not chosen:
@@ -157,6 +166,11 @@ class CostTarget:
         if curve_swaps is not None and (isinstance(curve_swaps, bool) or not isinstance(curve_swaps, int)
                                         or curve_swaps < 0):
             raise ValueError(f"curve_swaps: expected a non-negative integer or None, got {curve_swaps!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation: expected one of {list(ALLOCATIONS)}, got {allocation!r}")
+        if reallocate and allocation == "uniform":
+            raise ValueError("reallocate: applies to allocation='curves' only, got allocation='uniform'")
+        self.mode = allocation
         self.metric = metric
         self.value = float(value)
         self.pruned_kinds = set(chosen)
@@ -190,8 +204,33 @@ class CostTarget:
         return {
             "target": self.metric, "value": self.value, "kinds": sorted(self.pruned_kinds),
             "min_keep": self.min_keep, "grid": self.grid, "normalize": self.normalize,
-            "reallocate": self.reallocate,
+            "reallocate": self.reallocate, "allocation": self.mode,
         }
 
     def __repr__(self) -> str:
         return f"CostTarget({self.metric!r}, {self.value})"
+
+
+class PerLayerKeep:
+    """Fixed kept-group counts per structure name, e.g. a previous run's
+    ``report.settings["allocation"]["keep"]``; structures not named are left alone."""
+
+    def __init__(self, keep: Mapping[str, int]) -> None:
+        if not isinstance(keep, Mapping):
+            raise ValueError(f"keep: expected a mapping of structure name to kept groups, got {keep!r}")
+        for name, count in keep.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"keep[{name!r}]: expected a positive integer, got {count!r}")
+        self.counts = dict(keep)
+
+    def keep(self, name: str, kind: str, num_groups: int) -> int | None:
+        count = self.counts.get(name)
+        if count is not None and count > num_groups:
+            raise ValueError(f"keep[{name!r}]: {count} groups, but the structure has {num_groups}")
+        return None if count is None or count == num_groups else count
+
+    def kinds(self) -> set[str]:
+        return set(KINDS)
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.counts)

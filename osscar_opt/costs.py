@@ -101,16 +101,19 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def cut_copy(stage: Stage, position: int, keep: int) -> nn.Module:
-    """A deep copy of ``stage.module`` whose structure at ``position`` keeps its first ``keep`` groups."""
+def cut_copy(stage: Stage, position: int | dict[int, int], keep: int | None = None) -> nn.Module:
+    """A deep copy of ``stage.module`` whose structure at ``position`` keeps its first ``keep``
+    groups; ``position`` may instead map several positions to their keeps."""
+    cuts = dict(position) if isinstance(position, dict) else {position: keep}
     module = copy.deepcopy(stage.module)
-    structure = stage.structures(module)[position]
-    if keep < structure.num_groups:
-        W = structure.weight()
-        columns = rows_for(structure.groups, range(keep)).to(W.device)
-        weights = torch.zeros_like(W)
-        weights[:, columns] = W[:, columns]
-        apply_solution(structure, range(keep), weights, None)
+    for index, count in cuts.items():
+        structure = stage.structures(module)[index]
+        if count < structure.num_groups:
+            W = structure.weight()
+            columns = rows_for(structure.groups, range(count)).to(W.device)
+            weights = torch.zeros_like(W)
+            weights[:, columns] = W[:, columns]
+            apply_solution(structure, range(count), weights, None)
     return module
 
 
@@ -149,7 +152,23 @@ class StageCoster:
         # Non-decreasing in k (timing noise must not make a wider layer look cheaper).
         for index in range(len(measured) - 2, -1, -1):
             measured[index] = min(measured[index], measured[index + 1])
-        return [float(_interpolate(points, measured, k)) - full for k in keeps]
+        return [float(interpolate(points, measured, k)) - full for k in keeps]
+
+    def interaction(self, first: int, second: int) -> float:
+        """``delta`` of the bilinear term when two structures of this stage share a layer (a
+        ResNet bottleneck's middle conv costs ``in_channels * out_channels``): the exact MACs or
+        parameters with both cut are the two tables' sum plus ``delta * (k1 - n1) * (k2 - n2)``.
+        Measured with both cut to one group; 0 for independent structures (transformers)."""
+        if self.metric == "latency":
+            return 0.0
+        structures = self.stage.structures(self.stage.module)
+        n1, n2 = structures[first].num_groups, structures[second].num_groups
+        if n1 < 2 or n2 < 2:
+            return 0.0
+        full = self._measure(self.stage.module)
+        both = self._measure(cut_copy(self.stage, {first: 1, second: 1}))
+        alone = self._measure(cut_copy(self.stage, first, 1)) + self._measure(cut_copy(self.stage, second, 1)) - full
+        return (both - alone) / ((n1 - 1) * (n2 - 1))
 
     def _latency_points(self, position: int, points: list[int]) -> list[float]:
         key = self._cache_key(position, points)
@@ -179,7 +198,8 @@ class StageCoster:
         return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
+def interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
+    """Piecewise-linear ``y(x)`` through the points ``(xs, ys)`` (``xs`` ascending), clamped at the ends."""
     for index in range(1, len(xs)):
         if x <= xs[index]:
             x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]

@@ -33,10 +33,10 @@ from torch import nn
 from osscar_opt.accumulator import SplitAccumulator, StatsAccumulator, choose_damp
 from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
 from osscar_opt.adapters.registry import adapter_for
-from osscar_opt.allocate import Choices, InfeasibleTarget, allocate, floor_cost
+from osscar_opt.allocate import Choices, InfeasibleTarget, allocate
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
 from osscar_opt.budget import Budget, CostTarget, as_budget
-from osscar_opt.costs import StageCoster, model_cost
+from osscar_opt.costs import StageCoster, interpolate, model_cost
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
 from osscar_opt.formulations.surgery import apply_solution
@@ -290,6 +290,41 @@ class _StagePruner:
         return records, dense_out, pruned_out
 
 
+def _uniform_keeps(choices: list[Choices], capacity: float, points: int, cost_of) -> dict[str, int]:
+    """Keeps uniform across layers: every structure of a kind keeps the same fraction ``j / points``
+    of its groups (at least its smallest allowed keep); the fraction of each kind (heads against
+    neurons) is chosen by the same dynamic program, on the kind's summed curve and cost
+    (``cost_of(keep_map)``)."""
+    by_kind: dict[str, list[Choices]] = {}
+    for choice in choices:
+        by_kind.setdefault(choice.kind, []).append(choice)
+    kind_choices, keep_maps = [], {}
+    for kind, members in by_kind.items():
+        maps = []
+        for j in range(points + 1):
+            keeps = {c.name: max(c.keeps[0], round(j / points * c.keeps[-1])) for c in members}
+            if keeps not in maps:
+                maps.append(keeps)
+        keep_maps[kind] = maps
+        kind_choices.append(Choices(
+            kind, kind, list(range(len(maps))),
+            [sum(interpolate(c.keeps, c.losses, m[c.name]) for c in members) for m in maps],
+            [cost_of(m) for m in maps],
+        ))
+    picks = allocate(kind_choices, capacity)
+    return {name: keep for kind, index in picks.items() for name, keep in keep_maps[kind][index].items()}
+
+
+def _joint(first: Choices, second: Choices, delta: float) -> tuple[Choices, list[tuple[int, int]]]:
+    """Two interacting structures as one: every pair of keeps, costs with the bilinear term."""
+    pairs = [(a, b) for a in first.keeps for b in second.keeps]
+    n1, n2 = first.keeps[-1], second.keeps[-1]
+    losses = [first.losses[first.keeps.index(a)] + second.losses[second.keeps.index(b)] for a, b in pairs]
+    costs = [first.costs[first.keeps.index(a)] + second.costs[second.keeps.index(b)] + delta * (a - n1) * (b - n2)
+             for a, b in pairs]
+    return Choices(f"{first.name}|{second.name}", first.kind, list(range(len(pairs))), losses, costs), pairs
+
+
 class _Allocator:
     """Chooses every structure's keep for a :class:`CostTarget` (docs/architecture.md, "Targets").
 
@@ -308,6 +343,7 @@ class _Allocator:
         self.calls = calls
         self.metric = target.cost_metric
         self.choices: dict[str, tuple[int, Choices, Curve]] = {}
+        self.pairs: dict[tuple[str, str], float] = {}  # interacting structures of one stage -> delta
         self.dense_cost = 0.0
         self.capacity = 0.0
         self.seconds = 0.0
@@ -322,6 +358,7 @@ class _Allocator:
                 continue
             n = structure.num_groups
             keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
+            table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
             problem, accumulator, lowering = pruner.build_problem(structure, hidden, self.calls, None)
             swaps = self.target.curve_swaps
             if swaps is None:
@@ -333,9 +370,29 @@ class _Allocator:
             layer_energy = whole.moments(structure.weight(), **lowering).y_square
             normalize(curve, self.target.normalize, layer_energy=layer_energy / samples,
                       stage_energy=stage_energy / samples)
-            table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
             self.choices[structure.name] = (index, Choices(structure.name, structure.kind, keeps, curve.losses, table),
                                             curve)
+        if coster is not None:
+            self._measure_interactions(stage, coster)
+
+    def _measure_interactions(self, stage: Stage, coster: StageCoster) -> None:
+        """Bilinear cost terms between the targeted structures of one stage (exact MACs/params)."""
+        targeted = [(position, s.name) for position, s in enumerate(stage.structures(stage.module))
+                    if s.kind in self.target.kinds()]
+        for i, (first, first_name) in enumerate(targeted):
+            for second, second_name in targeted[i + 1:]:
+                delta = coster.interaction(first, second)
+                if delta != 0.0:
+                    self.pairs[(first_name, second_name)] = delta
+
+    def cost_of(self, keep: dict[str, int]) -> float:
+        """Predicted cost change of the structures in ``keep`` (tables plus interaction terms)."""
+        cost = sum(interpolate(self.choices[name][1].keeps, self.choices[name][1].costs, k) for name, k in keep.items())
+        for (first, second), delta in self.pairs.items():
+            if first in keep and second in keep:
+                cost += delta * (keep[first] - self.choices[first][1].keeps[-1]) * (
+                    keep[second] - self.choices[second][1].keeps[-1])
+        return cost
 
     def initial(self, dense_in: list[torch.Tensor], progress: bool) -> None:
         """Curves and costs of every stage on the dense model, then the allocation."""
@@ -371,35 +428,51 @@ class _Allocator:
 
     def _allocate(self, first_stage: int) -> None:
         allocation = dict(self.target.allocation or {})
-        spent = sum(
-            choices.costs[choices.keeps.index(allocation[name])]
-            for name, (stage, choices, _) in self.choices.items() if stage < first_stage
-        )
+        spent = self.cost_of({name: allocation[name] for name, (stage, _, _) in self.choices.items()
+                              if stage < first_stage})
         open_choices = [choices for stage, choices, _ in self.choices.values() if stage >= first_stage]
         capacity = self.capacity - self.dense_cost - spent
         try:
-            allocation.update(allocate(open_choices, capacity))
+            if self.target.mode == "uniform":
+                allocation.update(_uniform_keeps(open_choices, capacity, self.target.grid, self.cost_of))
+            else:
+                allocation.update(self._allocate_joint(open_choices, capacity))
         except InfeasibleTarget:
-            floor = (self.dense_cost + spent + floor_cost(open_choices)) / self.dense_cost
+            cheapest = self.cost_of({c.name: c.keeps[0] for c in open_choices})
+            floor = (self.dense_cost + spent + cheapest) / self.dense_cost
             raise ValueError(self._infeasible_message(floor)) from None
         self.target.allocation = allocation
+
+    def _allocate_joint(self, open_choices: list[Choices], capacity: float) -> dict[str, int]:
+        """The dynamic program with each interacting pair as one structure over pairs of keeps."""
+        by_name = {c.name: c for c in open_choices}
+        merged, pairs_of = [], {}
+        for (first, second), delta in self.pairs.items():
+            if first in by_name and second in by_name:
+                joint, pairs = _joint(by_name.pop(first), by_name.pop(second), delta)
+                merged.append(joint)
+                pairs_of[joint.name] = (first, second, pairs)
+        picks = allocate([*by_name.values(), *merged], capacity)
+        result = {name: keep for name, keep in picks.items() if name not in pairs_of}
+        for name, (first, second, pairs) in pairs_of.items():
+            result[first], result[second] = pairs[picks[name]]
+        return result
 
     def _infeasible_message(self, floor: float) -> str:
         target = self.target
         reached = f"{floor:.3f} of its dense {self.metric}" if target.metric != "speedup" else (
             f"a speed-up of {1 / floor:.2f}x")
+        kinds = sorted({choices.kind for _, choices, _ in self.choices.values()})
         return (
-            f"target {target.metric}={target.value:g} cannot be met: with every prunable structure of kinds "
-            f"{sorted({choices.kind for _, choices, _ in self.choices.values()})} at its minimum keep (min_keep={target.min_keep:g}, at least one group each) the "
-            f"model reaches only {reached}; the rest (embeddings, output layers, structures of other kinds) is not pruned. "
+            f"target {target.metric}={target.value:g} cannot be met: with every prunable structure of kinds {kinds} "
+            f"at its minimum keep (min_keep={target.min_keep:g}, at least one group each) the model reaches only "
+            f"{reached}; the rest (embeddings, output layers, structures of other kinds) is not pruned. "
             "Relax the target, lower min_keep or prune more kinds."
         )
 
     def predicted_cost(self) -> float:
         allocation = self.target.allocation or {}
-        return self.dense_cost + sum(
-            choices.costs[choices.keeps.index(allocation[name])] for name, (_, choices, _) in self.choices.items()
-        )
+        return self.dense_cost + self.cost_of({name: allocation[name] for name in self.choices})
 
     def summary(self, achieved: bool = False) -> dict[str, Any]:
         """The allocation for the report; with ``achieved``, the pruned model's cost measured on the

@@ -17,7 +17,9 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - depends on the install
-        raise ImportError("plots need matplotlib: pip install 'osscar-opt[bench]' (or pip install matplotlib)") from error
+        raise ImportError(
+            "plots need matplotlib: pip install 'osscar-opt[bench]' (or pip install matplotlib)"
+        ) from error
     return plt
 
 

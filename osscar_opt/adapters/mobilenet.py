@@ -40,7 +40,10 @@ def block_units(block: InvertedResidual) -> tuple[ChannelUnit, ...]:
     projection = body[2]
     if expand is None or depthwise is None or not isinstance(projection, nn.Conv2d):
         raise ValueError("model: unexpected InvertedResidual layout (expected expand, depthwise, projection)")
-    if expand[0].groups != 1 or not is_depthwise(depthwise[0]) or projection.groups != 1:
+    middle = depthwise[0]
+    # A block pruned to one hidden channel has a 1-channel depthwise conv (groups == 1).
+    one_channel = isinstance(middle, nn.Conv2d) and middle.groups == middle.in_channels == middle.out_channels == 1
+    if expand[0].groups != 1 or not (is_depthwise(middle) or one_channel) or projection.groups != 1:
         raise ValueError("model: unexpected InvertedResidual convs (expand and projection dense, middle depthwise)")
     return (("conv.2", ("conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1")),)
 

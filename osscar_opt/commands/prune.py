@@ -87,7 +87,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated structure kinds a target may prune (default: all the model has: "
                         f"{', '.join(KINDS)})")
     parser.add_argument("--min-keep", type=float, default=0.0, metavar="FRACTION",
-                        help="with a target: fraction of every structure's groups always kept (default 0: at least one)")
+                        help="with a target: fraction of every structure's groups always kept "
+                        "(default 0: at least one)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION,
                         help="with a target: loss-curve normalization, relative (loss / layer output energy) or stage "
                         f"(loss / block input energy); default {DEFAULT_NORMALIZATION}")
@@ -211,6 +212,8 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
                          "use --channels-sparsity or a --target-* flag")
     budgets = cost_target(args, ("channels_sparsity",))
     _check_target_flags(args, budgets)
+    if budgets is not None and "channels" not in budgets.kinds():
+        raise ValueError(f"--target-kinds: torchvision models have conv channels only, got {args.target_kinds!r}")
     if budgets is None:
         if args.channels_sparsity is None:
             raise ValueError("channels_sparsity: required for torchvision models (--channels-sparsity, in [0, 1)), "
