@@ -8,9 +8,10 @@ can pick from; the pipeline later solves the chosen keep again with the full loc
 
 The curve's value at a keep is *normalized* so that layers compare:
 
-* ``stage`` (default): the loss over the energy of the stage's input (the residual stream the
-  layer's output is added to), ``loss / ||h||^2``: the share of the block's signal that is lost.
-  A layer whose output is small against the stream it joins can lose more of it;
+* ``stage`` (default): the loss over the energy of the stage's dense output (the block output:
+  the residual stream the layer's output joins, or the layer's own output where a block has no
+  residual), ``loss / ||h_out||^2``: the share of the block's signal that is lost. A layer whose
+  output is small against the stream it joins can lose more of it;
 * ``relative``: the loss over the loss of keeping nothing, ``loss / c0``: the share of the layer's
   own output energy that is lost, every layer counting the same. Measured worse: on
   all-MiniLM-L6-v2 at 70% of the dense MACs it cut the last blocks' MLPs to 6-12% of their neurons
@@ -146,8 +147,8 @@ def _relative_value(problem: LayerProblem, support: tuple[int, ...]) -> float:
 def normalize(curve: Curve, how: str, *, layer_energy: float, stage_energy: float) -> Curve:
     """Set ``curve.weight`` for normalization ``how`` (:data:`NORMALIZATIONS`).
 
-    ``layer_energy``: the layer's dense output energy ``||Y||^2`` on the calibration rows;
-    ``stage_energy``: the stage input's energy ``||h||^2`` on the same samples.
+    ``layer_energy``: the layer's dense output energy ``||Y||^2`` per calibration sample;
+    ``stage_energy``: the stage output's energy ``||h_out||^2`` per sample.
     """
     if how not in NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {list(NORMALIZATIONS)}, got {how!r}")

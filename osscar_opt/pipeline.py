@@ -348,8 +348,12 @@ class _Allocator:
         self.capacity = 0.0
         self.seconds = 0.0
 
-    def stage_choices(self, index: int, stage: Stage, hidden: list[torch.Tensor], costs: bool = True) -> None:
-        """Curves (and, with ``costs``, cost tables) of ``stage``'s targeted structures on ``hidden``."""
+    def stage_choices(self, index: int, stage: Stage, hidden: list[torch.Tensor], costs: bool = True) -> list:
+        """Curves (and, with ``costs``, cost tables) of ``stage``'s targeted structures on ``hidden``;
+        returns the stage's outputs on ``hidden`` (their energy normalizes the ``stage`` curves)."""
+        outputs = [self.adapter.run_stage(stage, h, c).detach() for h, c in zip(hidden, self.calls, strict=True)]
+        samples = sum(int(h.shape[0]) for h in hidden)
+        stage_energy = sum(float(y.double().square().sum()) for y in outputs)
         pruner = _StagePruner(self.adapter, index, stage, self.target, self.options)
         coster = StageCoster(self.adapter, stage, hidden[0], self.calls[0], self.metric,
                              cache=self.target.latency_cache) if costs else None
@@ -365,8 +369,6 @@ class _Allocator:
                 swaps = DEFAULT_CURVE_SWAPS if n <= SMALL_PROBLEM_GROUPS else 0
             curve = loss_curve(problem, keeps, swaps=swaps, name=structure.name, kind=structure.kind)
             whole = accumulator.merged() if self.options.split else accumulator
-            samples = sum(int(h.shape[0]) for h in hidden)
-            stage_energy = sum(float(h.double().square().sum()) for h in hidden)
             layer_energy = whole.moments(structure.weight(), **lowering).y_square
             normalize(curve, self.target.normalize, layer_energy=layer_energy / samples,
                       stage_energy=stage_energy / samples)
@@ -374,6 +376,7 @@ class _Allocator:
                                             curve)
         if coster is not None:
             self._measure_interactions(stage, coster)
+        return outputs
 
     def _measure_interactions(self, stage: Stage, coster: StageCoster) -> None:
         """Bilinear cost terms between the targeted structures of one stage (exact MACs/params)."""
@@ -406,10 +409,7 @@ class _Allocator:
         stages = self.adapter.stages()
         with torch.no_grad():
             for index in tqdm(range(len(stages)), desc="loss curves", unit="stage", disable=not progress):
-                self.stage_choices(index, stages[index], hidden)
-                if index + 1 < len(stages):
-                    hidden = [self.adapter.run_stage(stages[index], h, c).detach()
-                              for h, c in zip(hidden, self.calls, strict=True)]
+                hidden = self.stage_choices(index, stages[index], hidden)
         if not self.choices:
             raise ValueError(f"budgets: the target prunes {sorted(self.target.kinds())}, which this model lacks")
         self._allocate(0)

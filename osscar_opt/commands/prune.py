@@ -91,7 +91,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 0: at least one)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION,
                         help="with a target: loss-curve normalization, relative (loss / layer output energy) or stage "
-                        f"(loss / block input energy); default {DEFAULT_NORMALIZATION}")
+                        f"(loss / block output energy); default {DEFAULT_NORMALIZATION}")
     parser.add_argument("--reallocate", action="store_true",
                         help="with a target: re-allocate the remaining budget after each block from curves on the "
                         "pruned model's inputs")
