@@ -12,8 +12,11 @@ budget is computed once per target and mode and re-used through ``PerLayerKeep``
 cuts the same number of groups per layer). Reported per row: quality (embedding cosine to dense and
 retrieval top-1 for all-MiniLM-L6-v2, perplexity on held-out Shakespeare for SmolLM2-135M, digits
 test accuracy for the digits-trained ResNet18 / MobileNetV2), achieved MACs and parameters as
-fractions of dense, measured latency (median of repeats) and the measured speed-up, the allocation's
-predicted cost and the pruning wall time (curves + allocation + pruning).
+fractions of dense, measured latency on the evaluation batch (median and range of 15 repeats) and the
+measured speed-up, the allocation's predicted cost fraction and (first backend of each budget) the
+pruned model's cost fraction re-measured by the pipeline on the calibration batch the cost tables
+were built on (for speed-up targets: pruned / dense latency, so ``1 / achieved`` is the speed-up
+there), and the pruning wall time (curves + allocation + pruning).
 
 Writes ``benchmarks/results/budgets.json`` (after every row) and ``budgets.png`` (quality against
 achieved speed-up, one line per method). Run alone on an idle machine:
@@ -137,6 +140,8 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                     "params_fraction": result["params"] / dense["params"],
                     "speedup": dense["latency_ms"] / result["latency_ms"],
                     "predicted_fraction": allocation["predicted_fraction"],
+                    # the pruned model re-measured by the pipeline on the batch the tables were built on
+                    "achieved_fraction": allocation["achieved_fraction"] if backend == args.backends[0] else None,
                     "prune_seconds": seconds + (0.0 if backend == args.backends[0] else curve_seconds),
                     "curve_seconds": curve_seconds, "keep": keep,
                 }
@@ -150,19 +155,21 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = ("| model | target | budget | backend | quality | MACs | params | latency ms (range) | speed-up "
-              "| predicted | prune s |")
-    lines = [header, "|" + "---|" * 11]
+              "| predicted | achieved | prune s |")
+    lines = [header, "|" + "---|" * 12]
     for row in rows:
         quality = row.get("perplexity", row.get("cosine_to_dense", row.get("accuracy")))
         if row["method"] == "dense":
             lines.append(f"| {row['model']} | dense | - | - | {quality:.4f} | 1 | 1 | {row['latency_ms']:.1f} "
-                         f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | 1 | - | - |")
+                         f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | 1 | - | - | - |")
             continue
         lines.append(
             f"| {row['model']} | {row['target']} | {row['mode']} | {row['method']} | {quality:.4f} | "
             f"{row['macs_fraction']:.3f} | {row['params_fraction']:.3f} | {row['latency_ms']:.1f} "
             f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | {row['speedup']:.2f} | "
-            f"{row['predicted_fraction']:.3f} | {row['prune_seconds']:.0f} |"
+            f"{row['predicted_fraction']:.3f} | "
+            f"{'-' if row.get('achieved_fraction') is None else format(row['achieved_fraction'], '.3f')} | "
+            f"{row['prune_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
