@@ -36,13 +36,21 @@ def kept_fractions(layers: list[dict[str, Any]]) -> tuple[list[str], list[int], 
 def keep_heatmap(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Write a PNG heat map of the kept share per stage (columns) and structure kind (rows).
 
-    ``report`` is :meth:`osscar_opt.pipeline.PruneReport.to_dict`'s document; cells of structures the
-    run left alone are blank.
+    ``report`` is :meth:`osscar_opt.pipeline.PruneReport.to_dict`'s document; structures a target's
+    allocation kept whole show 1.0, other structures the run left alone are blank.
     """
     import numpy as np
 
     plt = _pyplot()
-    kinds, stages, cells = kept_fractions(report["layers"])
+    layers = list(report["layers"])
+    allocation = report.get("settings", {}).get("allocation")
+    if allocation is not None:  # structures the allocation left whole are shown at 1.0
+        pruned = {layer["name"] for layer in layers}
+        layers += [
+            {"kind": c["kind"], "stage": c["stage"], "keep": c["num_groups"], "groups": c["num_groups"]}
+            for c in allocation["curves"] if c["name"] not in pruned
+        ]
+    kinds, stages, cells = kept_fractions(layers)
     if not cells:
         raise ValueError("report: no pruned layers to plot")
     grid = np.full((len(kinds), len(stages)), np.nan)
@@ -57,7 +65,8 @@ def keep_heatmap(report: dict[str, Any], path: str | Path, title: str = "") -> P
     for row in range(len(kinds)):
         for column in range(len(stages)):
             if not np.isnan(grid[row, column]) and len(stages) <= 16:
-                axes.text(column, row, f"{grid[row, column]:.2f}", ha="center", va="center", fontsize=7, color="w")
+                color = "k" if grid[row, column] > 0.6 else "w"
+                axes.text(column, row, f"{grid[row, column]:.2f}", ha="center", va="center", fontsize=7, color=color)
     figure.colorbar(image, ax=axes, label="kept share")
     axes.set_title(title or "kept share per block and kind")
     figure.tight_layout()

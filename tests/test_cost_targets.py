@@ -488,3 +488,19 @@ def test_two_targets_at_once_are_refused_by_the_parser(no_model_loading, capsys)
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["prune", "--model", "/no/such/model/folder", "--target-macs", "0.5", "--normalize", "x"])
+
+
+def test_the_keep_heat_map_shows_pruned_and_whole_structures(tmp_path):
+    from osscar_opt.plots import keep_heatmap, kept_fractions
+
+    model = build("bert")
+    report = prune(model, data_of("bert"), CostTarget("macs", 0.6), backend="greedy", batch_size=6,
+                   progress=False).to_dict()
+    path = keep_heatmap(report, tmp_path / "keep.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    allocation = report["settings"]["allocation"]
+    whole = [c for c in allocation["curves"] if allocation["keep"][c["name"]] == c["num_groups"]]
+    pruned = {layer["name"] for layer in report["layers"]}
+    assert len(pruned) + len(whole) == len(allocation["curves"])
+    _, _, cells = kept_fractions(report["layers"])
+    assert all(0 < value <= 1 for value in cells.values())
