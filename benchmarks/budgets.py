@@ -38,7 +38,7 @@ import torch
 
 from osscar_opt import evaluate
 from osscar_opt.budget import CostTarget, PerLayerKeep
-from osscar_opt.costs import median_ms, model_cost
+from osscar_opt.costs import model_cost
 from osscar_opt.pipeline import prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,8 +97,7 @@ class Subject:
         batch = next(iter(self.cost_batch.values()))
         result["macs"] = model_cost(model, batch, "macs")
         result["params"] = model_cost(model, batch, "params")
-        with torch.no_grad():
-            median, low, high = median_ms(lambda: model(batch), repeats=15)
+        median, low, high = evaluate.time_call(lambda: model(batch), repeats=15, warmup=2)
         result.update(latency_ms=median, latency_min_ms=low, latency_max_ms=high)
         return result
 

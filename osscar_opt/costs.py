@@ -9,7 +9,8 @@ matter) and then
   in ``k`` for every structure here (projections, attention within a head, conv channels), so it
   is measured at the full width and at ``k = 1`` and interpolated: exact, checked by a test;
 * ``params``: the parameters of the cut stage (exact, linear in ``k`` the same way);
-* ``latency``: the median wall time of the stage call (milliseconds) at a few keeps, interpolated
+* ``latency``: the median wall time of the stage call (milliseconds; the timer of
+  :func:`osscar_opt.evaluate.time_call`) at a few keeps, interpolated
   between them and made non-decreasing in ``k``, ZipLM-style. Tables are cached on disk per stage
   shape, device, dtype, batch shape and torch version (JSON under ``$OSSCAR_CACHE`` or
   ``~/.cache/osscar_opt``), so a model's identical blocks are timed once and a second run times
@@ -30,9 +31,7 @@ import copy
 import hashlib
 import json
 import os
-import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,8 @@ import torch
 from torch import nn
 
 from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall, first_output
+from osscar_opt.allocate import interpolate
+from osscar_opt.evaluate import call_macs, count_parameters, time_call
 from osscar_opt.formulations.structures import rows_for
 from osscar_opt.formulations.surgery import apply_solution
 
@@ -53,46 +54,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OSSCAR_CACHE") or Path.home() / ".cache" / "osscar_opt")
 
 
-def _distinct_parameters(module: nn.Module) -> int:
-    return int(sum({id(p): p.numel() for p in module.parameters()}.values()))
+def _module_device(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def _macs(call) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        call()
-    return int(counter.get_total_flops() // 2)
-
-
-@torch.no_grad()
-def median_ms(call, repeats: int = LATENCY_REPEATS, warmup: int = 2) -> tuple[float, float, float]:
-    """Median, minimum and maximum wall time of ``call()`` over ``repeats`` runs, milliseconds."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    times = []
-    for index in range(warmup + repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-        if index >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times), max(times)
+def module_cost(module: nn.Module, call: Callable[[], Any], metric: str) -> float:
+    """The cost of ``call()`` (a forward pass of ``module``): MACs, parameters of ``module`` or the
+    median latency in milliseconds (:data:`LATENCY_REPEATS` runs after 2 warm-up runs)."""
+    check_metric(metric)
+    if metric == "params":
+        return float(count_parameters(module))
+    if metric == "macs":
+        return float(call_macs(call))
+    cuda = _module_device(module).type == "cuda"
+    with torch.no_grad():
+        return time_call(call, cuda=cuda, repeats=LATENCY_REPEATS, warmup=2)[0]
 
 
 def model_cost(model: nn.Module, batch: torch.Tensor, metric: str) -> float:
     """The whole model's cost on ``batch`` (its calibration input: token ids or images)."""
-    check_metric(metric)
-    if metric == "params":
-        return float(_distinct_parameters(model))
-    with torch.no_grad():
-        if metric == "macs":
-            return float(_macs(lambda: model(batch)))
-        return median_ms(lambda: model(batch))[0]
+    return module_cost(model, lambda: model(batch), metric)
 
 
 def check_metric(metric: str) -> str:
@@ -128,22 +110,25 @@ class StageCoster:
         self.call = call
         self.metric = check_metric(metric)
         self.cache = cache
+        self._measured: dict[tuple[tuple[int, int], ...], float] = {}
 
-    def _measure(self, module: nn.Module) -> float:
-        if self.metric == "params":
-            return float(_distinct_parameters(module))
-        run = lambda: first_output(module(self.hidden, *self.call.args, **self.call.kwargs))  # noqa: E731
-        if self.metric == "macs":
-            return float(_macs(run))
-        return median_ms(run)[0]
+    def _measure(self, cuts: dict[int, int]) -> float:
+        """Cost of the stage with the structures at the positions of ``cuts`` cut to their keeps
+        (``{}``: the stage as it is); each cut is measured once per coster."""
+        key = tuple(sorted(cuts.items()))
+        if key not in self._measured:
+            module = cut_copy(self.stage, cuts) if cuts else self.stage.module
+            run = lambda: first_output(module(self.hidden, *self.call.args, **self.call.kwargs))  # noqa: E731
+            self._measured[key] = module_cost(module, run, self.metric)
+        return self._measured[key]
 
     def table(self, position: int, keeps: Sequence[int]) -> list[float]:
         """``cost(k) - cost(full)`` of the structure at ``position`` for every ``k`` in ``keeps``."""
         structure = self.stage.structures(self.stage.module)[position]
         n = structure.num_groups
         if self.metric in ("macs", "params"):
-            full = self._measure(self.stage.module)
-            one = self._measure(cut_copy(self.stage, position, 1)) if n > 1 else full
+            full = self._measure({})
+            one = self._measure({position: 1}) if n > 1 else full
             per_group = (full - one) / (n - 1) if n > 1 else 0.0
             return [-(n - k) * per_group for k in keeps]
         points = sorted({max(1, round(n * j / (LATENCY_POINTS - 1))) for j in range(LATENCY_POINTS)} | {n})
@@ -165,9 +150,9 @@ class StageCoster:
         n1, n2 = structures[first].num_groups, structures[second].num_groups
         if n1 < 2 or n2 < 2:
             return 0.0
-        full = self._measure(self.stage.module)
-        both = self._measure(cut_copy(self.stage, {first: 1, second: 1}))
-        alone = self._measure(cut_copy(self.stage, first, 1)) + self._measure(cut_copy(self.stage, second, 1)) - full
+        full = self._measure({})
+        both = self._measure({first: 1, second: 1})
+        alone = self._measure({first: 1}) + self._measure({second: 1}) - full
         return (both - alone) / ((n1 - 1) * (n2 - 1))
 
     def _latency_points(self, position: int, points: list[int]) -> list[float]:
@@ -176,7 +161,7 @@ class StageCoster:
         stored = _read_cache(path) if self.cache else {}
         if key in stored:
             return list(stored[key])
-        measured = [self._measure(cut_copy(self.stage, position, k)) for k in points]
+        measured = [self._measure({position: k}) for k in points]
         if self.cache:
             _write_cache(path, key, measured)
         return measured
@@ -196,15 +181,6 @@ class StageCoster:
             "torch": torch.__version__,
         }
         return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
-    """Piecewise-linear ``y(x)`` through the points ``(xs, ys)`` (``xs`` ascending), clamped at the ends."""
-    for index in range(1, len(xs)):
-        if x <= xs[index]:
-            x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
-    return ys[-1]
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

@@ -127,7 +127,8 @@ def loss_curve(
         if removal > 0:
             staged_removal(state, keep, min(removal, STAGES_PER_POINT), dead, None)
             if swaps > 0 and keep < problem.num_groups:
-                state.track_outside()
+                if not state.tracking_outside:  # maintained through later removals
+                    state.track_outside()
                 swap_loop(search, 1, swaps, None)
         supports[keep] = state.support()
     relative = [_relative_value(problem, supports[k]) for k in keeps]

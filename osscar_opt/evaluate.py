@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,33 +132,44 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Multiply-accumulates of one forward pass on ``batch`` (torch FLOP counter / 2)."""
+def call_macs(call: Callable[[], Any]) -> int:
+    """Multiply-accumulates of ``call()`` (torch FLOP counter / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = _to_device(batch, _device(model))
     counter = FlopCounterMode(display=False)
     with counter:
-        model(**batch)
+        call()
     return int(counter.get_total_flops() // 2)
 
 
-@torch.no_grad()
-def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of a forward pass on ``batch``, milliseconds."""
+def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Multiply-accumulates of one forward pass on ``batch`` (torch FLOP counter / 2)."""
     batch = _to_device(batch, _device(model))
-    cuda = _device(model).type == "cuda"
+    return call_macs(lambda: model(**batch))
+
+
+@torch.no_grad()
+def time_call(call: Callable[[], Any], *, cuda: bool = False, repeats: int = 5,
+              warmup: int = 1) -> tuple[float, float, float]:
+    """Median, minimum and maximum wall time of ``call()`` over ``repeats`` runs after ``warmup``,
+    milliseconds; ``cuda``: synchronize the GPU around every run."""
     times = []
     for index in range(warmup + repeats):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(**batch)
+        call()
         if cuda:
             torch.cuda.synchronize()
         if index >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times), max(times)
+
+
+def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of a forward pass on ``batch``, milliseconds."""
+    batch = _to_device(batch, _device(model))
+    return time_call(lambda: model(**batch), cuda=_device(model).type == "cuda", repeats=repeats, warmup=warmup)[0]
 
 
 def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[str, Any] | None = None,

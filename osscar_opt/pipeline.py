@@ -33,10 +33,10 @@ from torch import nn
 from osscar_opt.accumulator import SplitAccumulator, StatsAccumulator, choose_damp
 from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
 from osscar_opt.adapters.registry import adapter_for
-from osscar_opt.allocate import Choices, InfeasibleTarget, allocate
+from osscar_opt.allocate import Choices, InfeasibleTarget, allocate_with_pairs, interpolate, uniform_keeps
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
 from osscar_opt.budget import Budget, CostTarget, as_budget
-from osscar_opt.costs import StageCoster, interpolate, model_cost
+from osscar_opt.costs import StageCoster, model_cost
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
 from osscar_opt.formulations.surgery import apply_solution
@@ -290,41 +290,6 @@ class _StagePruner:
         return records, dense_out, pruned_out
 
 
-def _uniform_keeps(choices: list[Choices], capacity: float, points: int, cost_of) -> dict[str, int]:
-    """Keeps uniform across layers: every structure of a kind keeps the same fraction ``j / points``
-    of its groups (at least its smallest allowed keep); the fraction of each kind (heads against
-    neurons) is chosen by the same dynamic program, on the kind's summed curve and cost
-    (``cost_of(keep_map)``)."""
-    by_kind: dict[str, list[Choices]] = {}
-    for choice in choices:
-        by_kind.setdefault(choice.kind, []).append(choice)
-    kind_choices, keep_maps = [], {}
-    for kind, members in by_kind.items():
-        maps = []
-        for j in range(points + 1):
-            keeps = {c.name: max(c.keeps[0], round(j / points * c.keeps[-1])) for c in members}
-            if keeps not in maps:
-                maps.append(keeps)
-        keep_maps[kind] = maps
-        kind_choices.append(Choices(
-            kind, kind, list(range(len(maps))),
-            [sum(interpolate(c.keeps, c.losses, m[c.name]) for c in members) for m in maps],
-            [cost_of(m) for m in maps],
-        ))
-    picks = allocate(kind_choices, capacity)
-    return {name: keep for kind, index in picks.items() for name, keep in keep_maps[kind][index].items()}
-
-
-def _joint(first: Choices, second: Choices, delta: float) -> tuple[Choices, list[tuple[int, int]]]:
-    """Two interacting structures as one: every pair of keeps, costs with the bilinear term."""
-    pairs = [(a, b) for a in first.keeps for b in second.keeps]
-    n1, n2 = first.keeps[-1], second.keeps[-1]
-    losses = [first.losses[first.keeps.index(a)] + second.losses[second.keeps.index(b)] for a, b in pairs]
-    costs = [first.costs[first.keeps.index(a)] + second.costs[second.keeps.index(b)] + delta * (a - n1) * (b - n2)
-             for a, b in pairs]
-    return Choices(f"{first.name}|{second.name}", first.kind, list(range(len(pairs))), losses, costs), pairs
-
-
 class _Allocator:
     """Chooses every structure's keep for a :class:`CostTarget` (docs/architecture.md, "Targets").
 
@@ -363,13 +328,12 @@ class _Allocator:
             n = structure.num_groups
             keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
             table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
-            problem, accumulator, lowering = pruner.build_problem(structure, hidden, self.calls, None)
+            problem, _, _ = pruner.build_problem(structure, hidden, self.calls, None)
             swaps = self.target.curve_swaps
             if swaps is None:
                 swaps = DEFAULT_CURVE_SWAPS if n <= SMALL_PROBLEM_GROUPS else 0
             curve = loss_curve(problem, keeps, swaps=swaps, name=structure.name, kind=structure.kind)
-            whole = accumulator.merged() if self.options.split else accumulator
-            layer_energy = whole.moments(structure.weight(), **lowering).y_square
+            layer_energy = problem.y_square + (problem.heldout.y_square if problem.heldout is not None else 0.0)
             normalize(curve, self.target.normalize, layer_energy=layer_energy / samples,
                       stage_energy=stage_energy / samples)
             self.choices[structure.name] = (index, Choices(structure.name, structure.kind, keeps, curve.losses, table),
@@ -434,29 +398,14 @@ class _Allocator:
         capacity = self.capacity - self.dense_cost - spent
         try:
             if self.target.mode == "uniform":
-                allocation.update(_uniform_keeps(open_choices, capacity, self.target.grid, self.cost_of))
+                allocation.update(uniform_keeps(open_choices, capacity, self.target.grid, self.cost_of))
             else:
-                allocation.update(self._allocate_joint(open_choices, capacity))
+                allocation.update(allocate_with_pairs(open_choices, capacity, self.pairs))
         except InfeasibleTarget:
             cheapest = self.cost_of({c.name: c.keeps[0] for c in open_choices})
             floor = (self.dense_cost + spent + cheapest) / self.dense_cost
             raise ValueError(self._infeasible_message(floor)) from None
         self.target.allocation = allocation
-
-    def _allocate_joint(self, open_choices: list[Choices], capacity: float) -> dict[str, int]:
-        """The dynamic program with each interacting pair as one structure over pairs of keeps."""
-        by_name = {c.name: c for c in open_choices}
-        merged, pairs_of = [], {}
-        for (first, second), delta in self.pairs.items():
-            if first in by_name and second in by_name:
-                joint, pairs = _joint(by_name.pop(first), by_name.pop(second), delta)
-                merged.append(joint)
-                pairs_of[joint.name] = (first, second, pairs)
-        picks = allocate([*by_name.values(), *merged], capacity)
-        result = {name: keep for name, keep in picks.items() if name not in pairs_of}
-        for name, (first, second, pairs) in pairs_of.items():
-            result[first], result[second] = pairs[picks[name]]
-        return result
 
     def _infeasible_message(self, floor: float) -> str:
         target = self.target
@@ -482,8 +431,8 @@ class _Allocator:
         if achieved:
             cost = model_cost(self.adapter.model, self.batches[0], self.metric)
             measured = {"achieved_cost": cost, "achieved_fraction": cost / self.dense_cost if self.dense_cost else 1.0}
-        return {**measured,
-            **self.target.to_dict(), "metric": self.metric, "dense_cost": self.dense_cost,
+        return {
+            **measured, **self.target.to_dict(), "metric": self.metric, "dense_cost": self.dense_cost,
             "capacity": self.capacity, "predicted_cost": predicted,
             "predicted_fraction": predicted / self.dense_cost if self.dense_cost else 1.0,
             "keep": dict(self.target.allocation or {}), "seconds": self.seconds,

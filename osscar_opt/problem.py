@@ -230,6 +230,8 @@ class LayerProblem:
         heldout: :class:`Moments` of held-out calibration rows (not in ``H``), or None; backends
             that produce several candidate supports may pick the one whose re-fit weights have the
             lowest held-out error (``pipeline.prune(damp="auto")`` sets it).
+        y_square: ``||Y||_F^2``, the data part of ``c0`` (the layer's target energy on the fit
+            rows), or None when unknown (problems built from ``H`` and ``G`` alone, loaded files).
     """
 
     def __init__(
@@ -247,6 +249,7 @@ class LayerProblem:
         keep: int | None = None,
         input_var: torch.Tensor | None = None,
         heldout: Moments | None = None,
+        y_square: float | None = None,
         validate: bool = True,
     ) -> None:
         self.H = H
@@ -260,6 +263,7 @@ class LayerProblem:
         self.meta: dict[str, str] = {str(k): str(v) for k, v in (meta or {}).items()}
         self.input_var = input_var
         self.heldout = heldout
+        self.y_square = None if y_square is None else float(y_square)
         if validate:
             self._validate()
         self._groups = [
@@ -358,7 +362,7 @@ class LayerProblem:
             input_var = (torch.diagonal(xtx) / float(rows) - mean.square()).clamp_min(0.0)
         return cls(
             H, G, c0, labels.to(xtx.device), lam=lam, xtx_diag=xtx_diag, weight=W,
-            has_bias_column=refit_bias, meta=meta, input_var=input_var,
+            has_bias_column=refit_bias, meta=meta, input_var=input_var, y_square=moments.y_square,
         )
 
     @classmethod
@@ -595,6 +599,7 @@ class LayerProblem:
             meta=self.meta,
             keep=self.keep,
             input_var=move(self.input_var),
+            y_square=self.y_square,
             heldout=None if self.heldout is None else self.heldout.to(device),
             validate=False,
         )

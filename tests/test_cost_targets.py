@@ -446,8 +446,13 @@ def no_model_loading(monkeypatch):
     ],
 )
 def test_bad_transformer_target_flags_fail_before_loading_a_model(extra, message, no_model_loading, capsys):
+    assert_refused_quickly(["prune", "--model", "/no/such/model/folder", "--quiet", *extra], message, capsys)
+
+
+def assert_refused_quickly(argv: list[str], message: str, capsys) -> None:
+    """The CLI exits with 2 and ``message`` within seconds (before any model is loaded or trained)."""
     start = time.perf_counter()
-    assert cli.main(["prune", "--model", "/no/such/model/folder", "--quiet", *extra]) == 2
+    assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert time.perf_counter() - start < 10
 
@@ -469,10 +474,7 @@ def test_normalize_without_a_target_is_refused(no_model_loading, capsys):
     ],
 )
 def test_bad_torchvision_target_flags_fail_before_loading_a_model(extra, message, no_model_loading, capsys):
-    start = time.perf_counter()
-    assert cli.main(["prune", "--model", "resnet18", "--quiet", *extra]) == 2
-    assert message in capsys.readouterr().err
-    assert time.perf_counter() - start < 10
+    assert_refused_quickly(["prune", "--model", "resnet18", "--quiet", *extra], message, capsys)
 
 
 def test_torchvision_target_kinds_without_channels_fail_before_training(no_model_loading, capsys):
