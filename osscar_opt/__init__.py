@@ -19,12 +19,16 @@ _EXPORTS = {
     "solve": "osscar_opt.solving",
     "certify": "osscar_opt.certify",
     "prune": "osscar_opt.pipeline",
+    "oneshot": "osscar_opt.oneshot",
+    "CostTarget": "osscar_opt.budget",
+    "PerLayerKeep": "osscar_opt.budget",
     "prune_vision": "osscar_opt.pipeline",
     "PruneReport": "osscar_opt.pipeline",
     "LayerRecord": "osscar_opt.pipeline",
     "keep_count": "osscar_opt.budget",
     "save_pruned": "osscar_opt.io",
     "load_pruned": "osscar_opt.io",
+    "load_sentence_transformer": "osscar_opt.io.sentence",
 }
 
 __all__ = sorted(_EXPORTS)

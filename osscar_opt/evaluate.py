@@ -166,12 +166,6 @@ def time_call(call: Callable[[], Any], *, cuda: bool = False, repeats: int = 5,
     return statistics.median(times), min(times), max(times)
 
 
-def median_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of a forward pass on ``batch``, milliseconds."""
-    batch = _to_device(batch, _device(model))
-    return time_call(lambda: model(**batch), cuda=_device(model).type == "cuda", repeats=repeats, warmup=warmup)[0]
-
-
 def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[str, Any] | None = None,
                    *, speed: bool = True) -> dict[str, Any]:
     """Size, speed and quality of ``model``; ``reference`` is the dense model's result (for cosine).
@@ -188,7 +182,15 @@ def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[
     result: dict[str, Any] = {"params": count_parameters(model)}
     if speed:
         result["macs"] = count_macs(model, batch)
-        result["latency_ms"] = median_latency_ms(model, batch)
+        device = _device(model)
+        moved = _to_device(batch, device)
+        median, fastest, slowest = time_call(lambda: model(**moved), cuda=device.type == "cuda",
+                                             repeats=LATENCY_REPEATS)
+        result["latency_ms"], result["latency_range_ms"] = median, [fastest, slowest]
+        result["measured_on"] = {
+            "batch": list(data.batch["input_ids"].shape), "latency_repeats": LATENCY_REPEATS, "warmup": 1,
+            "device": str(device), "threads": torch.get_num_threads(),
+        }
     if data.causal:
         result["perplexity"] = perplexity(model, data.stream, data.seq_len, max_windows=data.max_windows)
     else:
@@ -200,6 +202,8 @@ def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[
     model.train(was_training)
     return result
 
+
+LATENCY_REPEATS = 5
 
 METRICS = (
     ("params", "parameters", "{:,.0f}"),
@@ -218,11 +222,27 @@ def format_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         if key in before and key in after:
             ratio = after[key] / before[key] if before[key] else float("nan")
             rows.append((label, fmt.format(before[key]), fmt.format(after[key]), f"{ratio:.3f}"))
+        if key == "latency_ms" and "latency_range_ms" in before and "latency_range_ms" in after:
+            spreads = ("{:.2f}-{:.2f}".format(*result["latency_range_ms"]) for result in (before, after))
+            rows.append(("  latency range (ms)", *spreads, ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
              strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def measurement_note(result: dict[str, Any]) -> str:
+    """One line saying what the MACs and latency rows were measured on, or "" when they were not."""
+    where = result.get("measured_on")
+    if not where:
+        return ""
+    shape = " x ".join(str(n) for n in where["batch"])
+    return (
+        f"MACs and latency: one forward pass on a batch of {shape} tokens; latency median (and range) of "
+        f"{where['latency_repeats']} runs after {where['warmup']} warm-up, {where['device']}, {where['threads']} "
+        "threads (wall time on a shared machine varies from run to run)"
+    )
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:

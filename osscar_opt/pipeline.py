@@ -523,7 +523,12 @@ def _check_kinds(adapter: ModelAdapter, budget: Budget) -> None:
     """Refuse a budget that prunes none of the model's structure kinds, before any forward pass."""
     present = {structure.kind for structure in adapter.structures()}
     wanted = set(budget.kinds())
-    if wanted and not wanted & present:
+    if not wanted:
+        raise ValueError(
+            f"budgets: {budget!r} prunes nothing; give a sparsity above 0 for some of {sorted(present)}, e.g. "
+            + "{" + ", ".join(f"{kind!r}: 0.25" for kind in sorted(present)) + "}"
+        )
+    if not wanted & present:
         raise ValueError(
             f"budgets: prune {sorted(wanted)}, but this {adapter.architecture} model has only {sorted(present)}"
         )
@@ -648,6 +653,7 @@ def prune(
             report.layers.extend(records)
         if allocator is not None:
             report.settings["allocation"] = allocator.summary(achieved=True)
+        report.settings["config_describes_pruned_model"] = adapter.sync_config()
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start

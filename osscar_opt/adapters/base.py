@@ -123,6 +123,11 @@ class ModelAdapter:
         """Output of ``stage`` (or of ``module``, a copy of it) on one batch."""
         return first_output((module or stage.module)(hidden, *call.args, **call.kwargs))
 
+    def sync_config(self) -> bool:
+        """After pruning: make the model's own configuration describe its pruned widths, where it has
+        one that can; True when it now does (stock classes rebuild the model from it)."""
+        return False
+
     def structures(self) -> list[Structure]:
         """Every prunable structure of the model, in pruning order."""
         return [structure for stage in self.stages() for structure in stage.structures(stage.module)]

@@ -24,6 +24,8 @@ class Gpt2Adapter(TransformerAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
     causal_lm = True
+    mlp_size_field = "n_inner"
+    heads_field = "n_head"
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.base_model.h)

@@ -5,7 +5,8 @@ columns of ``self_attn.o_proj``; rows of ``q_proj`` for those query heads and of
 ``v_proj`` for that KV head; with ``num_key_value_heads == num_attention_heads`` this is plain
 heads). Neurons are input columns of ``mlp.down_proj`` with producers ``mlp.gate_proj`` and
 ``mlp.up_proj``. The forward code reshapes with ``-1`` heads, so only ``intermediate_size`` needs
-updating.
+updating. The config has ``head_dim``, ``num_attention_heads`` and ``num_key_value_heads``, so
+uniform widths are written into the config and reload with the stock class.
 """
 
 from __future__ import annotations
@@ -42,3 +43,14 @@ class LlamaAdapter(TransformerAdapter):
         mlp = block.mlp
         resize = size_setter(mlp, intermediate_size=1)
         return neuron_structure(f"{prefix}.mlp.down_proj", [mlp.gate_proj, mlp.up_proj], mlp.down_proj, resize)
+
+    def config_fields(self, attention_groups: int, mlp_neurons: int) -> dict[str, int] | None:
+        """Heads, KV heads and head size are config fields: any uniform width is expressible."""
+        attention = self.blocks()[0].self_attn
+        queries_per_group = int(attention.num_key_value_groups)
+        return {
+            "num_attention_heads": attention_groups * queries_per_group,
+            "num_key_value_heads": attention_groups,
+            "head_dim": int(attention.head_dim),
+            self.mlp_size_field: mlp_neurons,
+        }

@@ -19,6 +19,7 @@ class OptAdapter(TransformerAdapter):
     family = "opt"
     model_types = ("opt",)
     causal_lm = True
+    mlp_size_field = "ffn_dim"
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.base_model.decoder.layers)

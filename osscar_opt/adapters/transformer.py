@@ -33,6 +33,12 @@ class TransformerAdapter(ModelAdapter):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     causal_lm: ClassVar[bool] = False
+    mlp_size_field: ClassVar[str] = "intermediate_size"
+    """The config field holding the MLP width (``intermediate_size``, ``ffn_dim``, ``n_inner``)."""
+    heads_field: ClassVar[str] = "num_attention_heads"
+    """The config field holding the number of attention heads. In the base implementation of
+    :meth:`config_fields` the head size is ``hidden_size / heads``, so a pruned head count cannot be
+    written in the config; families with an explicit ``head_dim`` field override it."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -123,6 +129,45 @@ class TransformerAdapter(ModelAdapter):
     def dims(self) -> list[dict[str, int]]:
         """Dimensions of every block, for the saved metadata."""
         return [self.block_dims(block) for block in self.blocks()]
+
+    def config_fields(self, attention_groups: int, mlp_neurons: int) -> dict[str, int] | None:
+        """Config fields under which the family's stock class builds every block with these widths,
+        or None when its config cannot say so (here: a pruned head count, since the head size is
+        derived from ``hidden_size / heads``)."""
+        if attention_groups != int(getattr(self.config, self.heads_field)):
+            return None
+        return {self.mlp_size_field: mlp_neurons}
+
+    def config_kinds(self) -> set[str]:
+        """The structure kinds whose pruned width, the same in every block, the family's config can
+        state (so stock classes rebuild it): MLP neurons always, heads / KV groups only where the
+        config has a head size of its own."""
+        block = self.blocks()[0]
+        attention, mlp = self.attention(block, ""), self.mlp(block, "")
+        kinds = {mlp.kind}
+        if self.config_fields(max(attention.num_groups - 1, 1), mlp.num_groups) is not None:
+            kinds.add(attention.kind)
+        return kinds
+
+    def stock_config_fields(self) -> dict[str, int] | None:
+        """The config fields that describe the model as it is now (pruned), or None when stock
+        ``from_pretrained`` cannot rebuild it: widths that differ between blocks, an emptied
+        structure, or widths the family's config cannot express (:meth:`config_fields`)."""
+        dims = self.dims()
+        if any(entry != dims[0] for entry in dims) or min(dims[0].values()) < 1:
+            return None
+        return self.config_fields(**dims[0])
+
+    def sync_config(self) -> bool:
+        """Write :meth:`stock_config_fields` into ``model.config`` so it describes the pruned model
+        (``model.save_pretrained`` then reloads with stock classes); False, and the config left
+        dense, when the config cannot express the pruned widths."""
+        fields = self.stock_config_fields()
+        if fields is None:
+            return False
+        for name, value in fields.items():
+            setattr(self.config, name, value)
+        return True
 
     def restore_dims(self, dims: list[dict[str, Any]]) -> None:
         """Shrink a freshly built dense model to saved per-block ``dims`` (values are reloaded after)."""

@@ -55,8 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--calib-text", default=None, help="calibration text file (or dataset name when online)")
     parser.add_argument("--eval-text", default=None, help="evaluation text file (or dataset name when online)")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    parser.add_argument("--output", default=None, help="folder to save the pruned model to")
+    parser.add_argument("--output", default=None,
+                        help="folder to save the pruned model to (with its tokenizer and kept ids); without it the "
+                        "pruned model is not saved")
+    parser.add_argument("--uniform-widths", action="store_true",
+                        help="prune only widths the model family's stock config can state (the same keep in every "
+                        "block; no heads where the head size is derived from the hidden size, e.g. BERT, OPT, "
+                        "GPT-2), so stock from_pretrained reloads the saved model")
     parser.add_argument("--report", default=None, help="write the JSON report (per-layer loss and time) here")
+    parser.add_argument("--plot", action="store_true",
+                        help="write PNGs beside the report: per-layer relative loss and kept share (needs --report)")
     parser.add_argument("--save-problems", default=None, help="write every layer problem to this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -70,6 +78,12 @@ def _check_common(args: argparse.Namespace) -> None:
     from osscar_opt import backends
 
     backends.get(args.backend)  # an unknown backend fails before any model is loaded
+    if args.output is not None:
+        from osscar_opt.io.folder import check_destination
+
+        check_destination(Path(args.output))  # a folder that is not a saved model is refused before pruning
+    if args.plot and args.report is None:
+        raise ValueError("--plot: the PNGs are written beside the report; give --report PATH too")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,40 +170,109 @@ def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     }
 
 
+def _uniform_widths(budgets: Any, adapter: Any, heads_given: bool) -> Any:
+    """``--uniform-widths``: the budget restricted to widths the family's config can state.
+
+    Kinds the config cannot state (heads of BERT / OPT / GPT-2) are left unpruned; asking for them
+    explicitly (``--heads-sparsity``, ``--target-kinds heads``) is refused.
+    """
+    from osscar_opt.budget import CostTarget
+
+    expressible = adapter.config_kinds()
+    present = {structure.kind for structure in adapter.structures()}
+    if isinstance(budgets, CostTarget):
+        if budgets.reallocate:
+            raise ValueError("--reallocate: re-allocation makes widths differ per block; not with --uniform-widths")
+        refused = sorted(set(budgets.kinds()) & (present - expressible))
+        if refused and heads_given:
+            raise ValueError(f"--uniform-widths: this {adapter.architecture} model's config cannot state a pruned "
+                             f"{refused[0]} count (its head size is hidden_size / heads); drop it from --target-kinds")
+        kinds = sorted(set(budgets.kinds()) & expressible)
+        return CostTarget(budgets.metric, budgets.value, kinds=kinds, min_keep=budgets.min_keep,
+                          normalize=budgets.normalize, allocation="uniform")
+    refused = sorted(kind for kind, value in budgets.items() if value > 0 and kind in present - expressible)
+    if refused and heads_given:
+        raise ValueError(f"--uniform-widths: this {adapter.architecture} model's config cannot state a pruned "
+                         f"{refused[0]} count (its head size is hidden_size / heads); drop --heads-sparsity")
+    return {kind: 0.0 if kind in refused else value for kind, value in budgets.items()}
+
+
+def _progress(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, flush=True)
+
+
 def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     """Load, evaluate, prune, evaluate again, save; returns the report document."""
     from osscar_opt import evaluate, models
+    from osscar_opt.adapters.registry import adapter_for
     from osscar_opt.data import text
     from osscar_opt.pipeline import prune
 
     budgets = _transformer_budgets(args)
     _check_common(args)
+    _progress(f"loading {args.model or models.DEFAULT_MODEL} ...", args.quiet)
     loaded = models.load_model(args.model, args.device, args.dtype)
+    adapter = adapter_for(loaded.model)
+    if args.uniform_widths:
+        budgets = _uniform_widths(budgets, adapter, args.heads_sparsity is not None or args.target_kinds is not None)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
+    samples = args.samples or DEFAULT_SAMPLES
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"--seq-len: {seq_len} tokens per sample, but the model has {limit} positions")
     calibration = text.calibration_ids(
-        loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"),
-        args.samples or DEFAULT_SAMPLES, seq_len,
+        loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"), samples, seq_len,
     )
+    _progress(f"calibration: {samples} samples x {seq_len} tokens from {args.calib_text or 'the built-in text'}",
+              args.quiet)
     eval_data = None
     if not args.no_eval:
+        _progress("evaluating the dense model ...", args.quiet)
         texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
         eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
         before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
     report = prune(loaded.model, calibration, budgets, **_prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE))
     document: dict[str, Any] = {"model": loaded.name, "note": loaded.note, **report.to_dict()}
+    print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}; {_settings_line(report)}")
+    if loaded.note:
+        print(f"note: {loaded.note}")
     if eval_data is not None:
+        _progress("evaluating the pruned model ...", args.quiet)
         after = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, reference=before)
         document["dense"], document["pruned"] = evaluate.public(before), evaluate.public(after)
-        print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}")
-        if loaded.note:
-            print(f"note: {loaded.note}")
         print(evaluate.format_table(before, after))
+        print(evaluate.measurement_note(after))
+    stock = bool(report.settings.get("config_describes_pruned_model"))
     if args.output:
         from osscar_opt.io import save_pruned
 
-        save_pruned(loaded.model, args.output, tokenizer=loaded.tokenizer)
-        print(f"saved the pruned model to {args.output}")
+        save_pruned(loaded.model, args.output, tokenizer=loaded.tokenizer, report=report)
+        document["output"] = str(args.output)
+        how = ("stock from_pretrained loads it (config.json states the pruned widths)" if stock else
+               "load it with osscar_opt.load_pruned (widths differ between blocks or the config cannot state "
+               "them; --uniform-widths for stock reload)")
+        print(f"saved the pruned model, tokenizer and kept ids to {args.output}: {how}")
+    else:
+        print("the pruned model was not saved (give --output DIR to keep it)")
     return document
+
+
+def _settings_line(report: Any) -> str:
+    """Budget, calibration and fit settings of a report, in one line (kinds the model has)."""
+    settings = report.settings
+    present = {record.kind for record in report.layers}
+    budget = settings.get("budgets")
+    if isinstance(budget, dict) and "target" in budget:
+        what = f"target {budget['target']} {budget['value']:g} ({budget.get('allocation', 'curves')} allocation)"
+    elif isinstance(budget, dict):
+        what = "sparsity " + ", ".join(f"{kind} {value:g}" for kind, value in sorted(budget.items())
+                                        if value and kind in present)
+    else:
+        what = f"budget {budget}"
+    shape = " x ".join(str(n) for n in settings.get("sample_shape", []))
+    return (f"{what}; {settings.get('samples')} calibration samples of {shape}; target {settings.get('target')}, "
+            f"damp {settings.get('damp')}, objective {settings.get('objective')}")
 
 
 def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,6 +293,9 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
     if args.heads_sparsity is not None or args.neurons_sparsity is not None:
         raise ValueError("--heads-sparsity / --neurons-sparsity: torchvision models have conv channels only; "
                          "use --channels-sparsity or a --target-* flag")
+    if args.uniform_widths:
+        raise ValueError("--uniform-widths: applies to transformers models; pruned torchvision models reload with "
+                         "osscar_opt.load_pruned")
     budgets = cost_target(args, ("channels_sparsity",))
     _check_target_flags(args, budgets)
     if budgets is not None and "channels" not in budgets.kinds():
@@ -250,8 +336,11 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
     if args.output:
         from osscar_opt.io import save_pruned
 
-        save_pruned(pruned, args.output)
-        print(f"saved the pruned model to {args.output}")
+        save_pruned(pruned, args.output, report=report)
+        document["output"] = str(args.output)
+        print(f"saved the pruned model and kept ids to {args.output} (load it with osscar_opt.load_pruned)")
+    else:
+        print("the pruned model was not saved (give --output DIR to keep it)")
     return document
 
 
@@ -309,11 +398,18 @@ def run(args: argparse.Namespace) -> int:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(document, indent=1))
         print(f"wrote the report to {args.report}")
-        if allocation is not None:
+        if allocation is not None or args.plot:
             from osscar_opt.plots import keep_heatmap
 
-            picture = keep_heatmap(document, Path(args.report).with_suffix(".keep.png"),
-                                   title=f"{document.get('model', '')} kept share, target {allocation['target']} "
-                                   f"{allocation['value']:g}")
+            title = f"{document.get('model', '')} kept share"
+            if allocation is not None:
+                title += f", target {allocation['target']} {allocation['value']:g}"
+            picture = keep_heatmap(document, Path(args.report).with_suffix(".keep.png"), title=title)
             print(f"wrote the kept-share heat map to {picture}")
+        if args.plot:
+            from osscar_opt.plots import layer_plot
+
+            picture = layer_plot(document, Path(args.report).with_suffix(".layers.png"),
+                                 title=f"{document.get('model', '')}: per-layer loss and kept share")
+            print(f"wrote the per-layer plot to {picture}")
     return 0

@@ -174,8 +174,14 @@ def _hf_dataset_text(spec: str, part: str, name: str) -> str:
     return "\n\n".join(row["text"] for row in data if row.get("text"))
 
 
-def load_texts(spec: str | None, part: str, causal: bool, name: str = "calib_text") -> list[str]:
-    """Passages for ``part`` (``"calib"`` / ``"eval"``) from ``spec`` (see the module docstring)."""
+def load_texts(
+    spec: str | None = None, part: str = "calib", causal: bool = False, name: str = "calib_text"
+) -> list[str]:
+    """Passages for ``part`` (``"calib"`` / ``"eval"``) from ``spec`` (see the module docstring): a text file, None
+    (the built-in text: Shakespeare for ``causal`` models, Python's docstrings for encoders), ``"stdlib"`` or
+    ``"shakespeare"``. ``name`` is the argument named in errors."""
+    if part not in ("calib", "eval"):
+        raise ValueError(f"part: expected 'calib' or 'eval', got {part!r}")
     if spec is None:
         spec = "shakespeare" if causal else "stdlib"
     if spec == "stdlib":
@@ -197,7 +203,9 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def calibration_ids(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = SEED) -> torch.Tensor:
+def calibration_ids(
+    tokenizer, texts: list[str], samples: int = 128, seq_len: int = 128, seed: int = SEED
+) -> torch.Tensor:
     """``(samples, seq_len)`` token windows drawn at random (fixed seed) from the text.
 
     Encoders (tokenizers with a CLS token) get ``[CLS] ... [SEP]`` around ``seq_len - 2`` tokens.

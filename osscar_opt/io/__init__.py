@@ -53,13 +53,28 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return _read_meta(directory, tuple(FAMILIES))
 
 
-def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+def kept_groups(report: Any) -> dict[str, dict[str, Any]]:
+    """``{consumer layer: {"kind", "groups", "kept"}}`` from a prune report (object or its dict);
+    ``kept`` are the dense model's group ids (heads, KV groups, neurons, channels), ascending."""
+    layers = report.to_dict()["layers"] if hasattr(report, "to_dict") else report["layers"]
+    return {
+        str(layer["name"]): {"kind": layer["kind"], "groups": int(layer["groups"]),
+                             "kept": sorted(int(i) for i in layer["kept"])}
+        for layer in layers
+    }
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, report: Any = None) -> Path:
     """Write ``model`` to ``directory`` atomically (replacing an earlier saved model there).
 
-    ``tokenizer`` (anything with ``save_pretrained``) is written into the same folder.
+    ``tokenizer`` (anything with ``save_pretrained``) is written into the same folder; ``report``
+    (the :class:`~osscar_opt.pipeline.PruneReport` of the run, or its dict) adds the kept group
+    ids of every pruned layer to ``osscar_pruned.json`` (``"kept"``).
     """
     family, module = _family_for(model)
     meta, state = module.export(model)
+    if report is not None:
+        meta["kept"] = kept_groups(report)
 
     def write_files(folder: Path) -> None:
         module.write_files(model, folder)

@@ -84,15 +84,20 @@ def _replace_folder(source: Path, destination: Path) -> None:
     shutil.rmtree(old)
 
 
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``; invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"directory: {path} is not valid JSON ({exc})") from exc
+
+
 def read_meta(directory: str | os.PathLike, families: tuple[str, ...]) -> dict[str, Any]:
     """The JSON document of a saved model; a missing or foreign folder raises ValueError."""
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise ValueError(f"directory: {directory} is not a saved pruned model (no {META_FILE})")
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"directory: {path} is not valid JSON ({exc})") from exc
+    document = read_json(path)
     if not isinstance(document, dict) or document.get("format") != FORMAT or document.get("family") not in families:
         raise ValueError(f"directory: {path} is not an osscar_opt pruned model description")
     return document

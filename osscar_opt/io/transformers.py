@@ -1,13 +1,26 @@
 """Save/reload family "transformers": stock transformers classes with per-block dimensions.
 
 ``export`` records the model class (``transformers.<ClassName>``), the adapter family and the
-kept attention groups / MLP neurons of every block; ``write_files`` writes ``config.json`` (the
-dense configuration); ``rebuild`` instantiates the class from that config, shrinks every block to
-the saved dimensions and loads the weights strictly.
+kept attention groups / MLP neurons of every block. ``write_files`` writes ``config.json``:
+
+* when the family's config can express the pruned widths (the same in every block; LLaMA /
+  Qwen2 / Mistral have ``head_dim`` and ``num_key_value_heads`` fields, BERT / OPT / GPT-2 only
+  the MLP width), the config *of the pruned model*, which stock ``from_pretrained`` loads;
+* otherwise the dense config with ``model_type`` replaced by :data:`NOT_STOCK_TYPE` (so stock
+  ``AutoConfig`` / ``AutoModel`` / ``SentenceTransformer`` fail with a message naming
+  ``osscar_opt.load_pruned``) and an ``osscar_pruned`` entry holding the real ``model_type`` and
+  the per-block widths.
+
+A sentence-transformers folder the model came from (``modules.json`` beside its config) keeps its
+module files (pooling, normalization). ``rebuild`` instantiates the class from the config, shrinks
+every block to the saved dimensions and loads the weights strictly.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +29,7 @@ from torch import nn
 
 from osscar_opt.adapters.registry import adapter_for
 from osscar_opt.adapters.transformer import TransformerAdapter
+from osscar_opt.io.folder import read_json
 
 
 def handles(model: nn.Module) -> bool:
@@ -42,12 +56,87 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, dict(model.state_dict())
 
 
+NOT_STOCK_TYPE = "{model_type}-pruned (stock classes cannot rebuild its widths: load it with osscar_opt.load_pruned)"
+"""``model_type`` written into ``config.json`` when stock classes cannot rebuild the pruned widths."""
+CONFIG_RECORD = "osscar_pruned"
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def stock_loadable(model: nn.Module) -> bool:
+    """True when the config this module writes reloads ``model`` with stock ``from_pretrained``."""
+    return adapter_for(model).stock_config_fields() is not None
+
+
+def _config_document(model: nn.Module, directory: Path) -> dict[str, Any]:
+    """The ``config.json`` document for ``model`` (see the module docstring)."""
+    adapter = adapter_for(model)
+    config = copy.deepcopy(model.config)
+    for stale in ("quantization_config", "_name_or_path"):
+        if hasattr(config, stale):
+            delattr(config, stale)  # weights are saved dequantized; the source path is not this folder
+    config.architectures = [type(model).__name__]
+    fields = adapter.stock_config_fields()
+    for name, value in (fields or {}).items():
+        setattr(config, name, value)
+    config.save_pretrained(str(directory))
+    document = json.loads((directory / "config.json").read_text())
+    document.pop("quantization_config", None)
+    if fields is None:
+        document[CONFIG_RECORD] = {"model_type": document["model_type"], "blocks": adapter.dims()}
+        document["model_type"] = NOT_STOCK_TYPE.format(model_type=document["model_type"])
+    return document
+
+
+def sentence_transformers_source(model: nn.Module) -> Path | None:
+    """The local sentence-transformers folder ``model`` was loaded from (``modules.json`` there), or None."""
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not source:
+        return None
+    folder = Path(str(source))
+    return folder if (folder / "modules.json").is_file() else None
+
+
+def _copy_sentence_transformers_files(source: Path, directory: Path) -> None:
+    """Copy the sentence-transformers module description and its non-root modules (pooling...)."""
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, directory / name)
+    for module in json.loads((source / "modules.json").read_text()):
+        path = str(module.get("path", ""))
+        if path and (source / path).is_dir() and not (directory / path).exists():
+            shutil.copytree(source / path, directory / path)
+
+
 def write_files(model: nn.Module, directory: Path) -> None:
-    """Write the model's ``config.json`` (and generation config when there is one)."""
-    model.config.save_pretrained(str(directory))
+    """Write ``config.json`` (pruned, or marked for ``load_pruned``), the generation config when the
+    model generates, and the sentence-transformers files of the folder the model came from."""
+    document = _config_document(model, directory)
+    (directory / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(str(directory))
+    source = sentence_transformers_source(model)
+    if source is not None:
+        _copy_sentence_transformers_files(source, directory)
+
+
+def read_config(directory: Path):
+    """The model's config from ``config.json``: the stock one, or the one marked for ``load_pruned``."""
+    import transformers
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"directory: {directory} has no config.json")
+    document = read_json(path)
+    if not isinstance(document, dict):
+        raise ValueError(f"directory: {path} is not a configuration (a JSON object)")
+    record = document.pop(CONFIG_RECORD, None)
+    if isinstance(record, dict):
+        document["model_type"] = record.get("model_type")
+    model_type = document.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"directory: {path} has an unknown model_type {model_type!r}")
+    return transformers.CONFIG_MAPPING[model_type].from_dict(document)
 
 
 def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
@@ -57,7 +146,7 @@ def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], directory: Pat
     cls = getattr(transformers, str(meta.get("class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"directory: {directory} names an unknown transformers class {meta.get('class')!r}")
-    config = transformers.AutoConfig.from_pretrained(str(directory))
+    config = read_config(directory)
     dtype = getattr(torch, str(meta.get("dtype", "float32")))
     model = cls(config).to(dtype)
     adapter_for(model).restore_dims(meta["blocks"])
