@@ -50,6 +50,7 @@ def test_prune_vision_prunes_a_copy_and_leaves_the_original_alone(images):
     assert report.settings["budgets"] == {"channels": 0.5} and report.settings["sample_shape"] == [3, 32, 32]
 
 
+@pytest.mark.slow
 def test_resnet18_forward_after_pruning_and_reload(images, tmp_path):
     model = small_model("resnet18")
     pruned, report = prune_vision(model, images[:4], {"channels": 0.5}, backend="activation")
@@ -67,6 +68,7 @@ def test_resnet18_forward_after_pruning_and_reload(images, tmp_path):
     assert adapter_for(reloaded).internal_channels() == adapter_for(pruned).internal_channels()
 
 
+@pytest.mark.slow
 def test_mobilenet_forward_local_search_save_reload(images, tmp_path):
     model = small_model("mobilenet_v2", seed=3)
     pruned, report = prune_vision(model, images, {"channels": 0.3}, backend="local-search", batch_size=3)
@@ -140,6 +142,7 @@ def test_reload_rejects_foreign_records(tmp_path):
         load_pruned(folder)
 
 
+@pytest.mark.slow
 def test_refit_bias_adds_a_consumer_bias_that_survives_reload(images, tmp_path):
     model = small_model("mobilenet_v2", seed=4)
     assert model.features[2].conv[2].bias is None
@@ -151,3 +154,17 @@ def test_refit_bias_adds_a_consumer_bias_that_survives_reload(images, tmp_path):
     assert pruned_half.features[2].conv[2].bias is not None
     save_pruned(pruned_half, tmp_path / "refit")
     assert torch.equal(outputs(load_pruned(tmp_path / "refit"), images), outputs(pruned_half, images))
+
+
+def test_pruned_mobilenet_reloads_with_the_stock_class_from_its_recorded_arguments(images, tmp_path):
+    from safetensors.torch import load_file
+
+    pruned, _ = prune_vision(small_model("mobilenet_v2"), images, {"channels": 0.3}, backend="magnitude",
+                             progress=False)
+    save_pruned(pruned, tmp_path / "mobilenet")
+    stock = json.loads((tmp_path / "mobilenet" / META_FILE).read_text())["stock"]
+    assert stock["class"] == "torchvision.models.MobileNetV2"
+    # the one-liner a user without osscar_opt runs: the stock class, its arguments, the weights
+    model = torchvision.models.MobileNetV2(**stock["kwargs"])
+    model.load_state_dict(load_file(str(tmp_path / "mobilenet" / WEIGHTS_FILE)), strict=True)
+    assert torch.equal(outputs(model.eval(), images), outputs(pruned, images))

@@ -50,6 +50,11 @@ class ConvNetAdapter(ModelAdapter):
     def stages(self) -> list[Stage]:
         return [Stage(name, module, _units_structures(name, units)) for name, module, units in self.stage_units()]
 
+    def stock_constructor(self) -> tuple[str, dict[str, Any]] | None:
+        """``(torchvision class name, keyword arguments)`` under which the stock class builds the
+        model with its current (pruned) widths, or None when its arguments cannot state them."""
+        return None
+
     def internal_channels(self) -> dict[str, int]:
         """Channels of every prunable unit: ``{"layer1.0.conv2": 64, ...}``."""
         return {structure.name: structure.num_groups for structure in self.structures()}

@@ -7,10 +7,14 @@ depthwise conv and its BN are coupled producers that lose the same channels (its
 shrink with them). Blocks without expansion (``expand_ratio == 1``) read the residual stream
 directly and are left alone, as are the stem, the last 1x1 conv and the classifier.
 
-The architecture is recognized from module types and structure, never from names.
+The architecture is recognized from module types and structure, never from names. Pruned
+widths are stated to the stock class by one ``inverted_residual_setting`` row per block, with the
+expand ratio ``hidden / input channels`` (:meth:`MobileNetV2Adapter.stock_constructor`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
@@ -71,3 +75,39 @@ class MobileNetV2Adapter(ConvNetAdapter):
             units = block_units(module) if isinstance(module, InvertedResidual) else ()
             result.append((f"features.{index}", module, units))
         return result
+
+    def stock_constructor(self) -> tuple[str, dict[str, Any]] | None:
+        """``MobileNetV2(width_mult=w, inverted_residual_setting=[[hidden / in, out / w, 1, stride], ...],
+        round_nearest=1)`` rebuilds every block's width (``w`` from the stem's 32 channels); None when
+        a pruned block's hidden width equals its input width (ratio 1 would drop the expand conv) or
+        a width does not round back exactly."""
+        features = self.model.features
+        stem, head = features[0][0], features[-1][0]
+        if not (isinstance(stem, nn.Conv2d) and isinstance(head, nn.Conv2d)):
+            return None
+        width = stem.out_channels / 32
+        if _rounded(1280 * max(1.0, width)) != head.out_channels:
+            return None
+        setting = []
+        for block in features:
+            if not isinstance(block, InvertedResidual):
+                continue
+            convs = [module for module in block.conv.modules() if isinstance(module, nn.Conv2d)]
+            inputs, outputs = convs[0].in_channels, convs[-1].out_channels
+            ratio = 1.0 if len(convs) == 2 else convs[0].out_channels / inputs
+            if (len(convs) == 3 and ratio == 1.0) or _rounded(outputs / width * width) != outputs:
+                return None
+            if _rounded(inputs * ratio) != convs[1].out_channels:
+                return None
+            setting.append([ratio, outputs / width, 1, max(max(conv.stride) for conv in convs)])
+        classifier = self.model.classifier
+        dropout = next((float(m.p) for m in classifier if isinstance(m, nn.Dropout)), 0.0)
+        linear = next(m for m in classifier if isinstance(m, nn.Linear))
+        kwargs = {"num_classes": linear.out_features, "width_mult": width, "inverted_residual_setting": setting,
+                  "round_nearest": 1, "dropout": dropout}
+        return "MobileNetV2", kwargs
+
+
+def _rounded(value: float) -> int:
+    """torchvision's ``_make_divisible(value, 1)``."""
+    return max(1, int(value + 0.5))

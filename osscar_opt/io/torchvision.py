@@ -3,8 +3,12 @@
 ``export`` records the architecture name, the number of classes and the shape of every Conv2d,
 BatchNorm2d and Linear (so any pruned width, and any ``width_mult``, is rebuilt exactly);
 ``rebuild`` builds the stock torchvision model, replaces those modules by ones of the recorded
-shapes and loads the safetensors state dict (no pickle). ``osscar_opt.io`` (``save_pruned`` /
-``load_pruned``) does the atomic write and dispatches on the family name.
+shapes and loads the safetensors state dict (no pickle). Where the stock class's own arguments can
+state the pruned widths (MobileNetV2: one ``inverted_residual_setting`` row per block), ``meta``
+also holds ``"stock": {"class": "torchvision.models.MobileNetV2", "kwargs": {...}}``: that class,
+called with those arguments, loads ``model.safetensors`` strictly, without osscar_opt.
+``osscar_opt.io`` (``save_pruned`` / ``load_pruned``) does the atomic write and dispatches on the
+family name.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "modules": layer_shapes,
         "torchvision_version": torchvision.__version__,
     }
+    stock = adapter.stock_constructor()
+    if stock is not None:
+        meta["stock"] = {"class": f"torchvision.models.{stock[0]}", "kwargs": stock[1]}
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
     return meta, state
 
