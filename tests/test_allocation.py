@@ -271,6 +271,7 @@ def test_without_swaps_the_curve_is_the_nested_greedy_path(problem):
     assert all(a >= b - 1e-12 for a, b in itertools.pairwise(curve.relative))  # nested: never better with less
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(8))
 def test_swaps_improve_on_the_greedy_path(seed):
     rng = random.Random(seed)

@@ -18,6 +18,7 @@ def instances(count: int, group_size: int, noise: float):
         yield seed, random_problem([group_size] * 12, outputs=6, seed=seed, rank=6, noise=noise)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_local_search_reaches_the_enumerate_optimum(group_size):
     hits, total, worst = 0, 0, 0.0
@@ -45,6 +46,7 @@ def greedy_suboptimal_instances():
     return found
 
 
+@pytest.mark.slow
 def test_local_search_is_strictly_better_where_greedy_is_suboptimal():
     cases = greedy_suboptimal_instances()
     assert len(cases) >= 10, "the generator must produce instances where greedy elimination is suboptimal"

@@ -57,6 +57,7 @@ def test_prune_writes_model_report_and_problems(pruned_run, capsys):
     assert (pruned_run / "model" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_compares_the_saved_model_with_its_reference(pruned_run, tiny_bert_folder, capsys):
     argv = ["eval", str(pruned_run / "model"), "--reference", str(tiny_bert_folder), "--seq-len", "16", "--json"]
     assert cli.main(argv) == 0
@@ -66,6 +67,7 @@ def test_eval_compares_the_saved_model_with_its_reference(pruned_run, tiny_bert_
     assert document["result"]["cosine_to_dense"] == pytest.approx(report["pruned"]["cosine_to_dense"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_solve_re_solves_saved_problems_with_another_backend(pruned_run, capsys):
     assert cli.main(["solve", str(pruned_run / "problems"), "--backend", "local-search", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -112,7 +114,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
 
 def test_empty_calibration_text_is_a_clean_error(tiny_bert_folder, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
-    argv = ["prune", "--model", str(tiny_bert_folder), "--calib-text", str(tmp_path / "empty.txt"), "--quiet"]
+    argv = ["prune", "--model", str(tiny_bert_folder), "--calib-text", str(tmp_path / "empty.txt"), "--seq-len", "16",
+            "--quiet"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "calib_text:" in err and "empty" in err

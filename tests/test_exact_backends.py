@@ -37,6 +37,7 @@ def _problem(size: int, groups: int, outputs: int, seed: int):
     return random_problem([size] * groups, outputs=outputs, seed=seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,formulation", COMBOS)
 @pytest.mark.parametrize("size,groups,outputs", SHAPES)
 def test_exact_backends_reach_the_enumerate_optimum(backend, formulation, size, groups, outputs):

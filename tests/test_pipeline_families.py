@@ -17,6 +17,7 @@ CASES = {  # the issue's three: BERT heads, LLaMA GQA key-value groups, ResNet c
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_one_prune_call_prunes_every_family(family):
     budgets, kinds = CASES[family]

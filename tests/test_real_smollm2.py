@@ -72,3 +72,22 @@ def test_pruned_smollm2_reloads_with_identical_logits(pruned_pair, tmp_path):
     ids = torch.arange(5, 37).view(2, 16)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_pruned_smollm2_reloads_with_the_stock_class_and_generates_the_same_text(smollm2, pruned_pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = smollm2[0]
+    model = pruned_pair["local-search"]
+    osscar_opt.save_pruned(model, tmp_path / "smollm2", tokenizer=loaded.tokenizer)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smollm2")
+    assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (6, 2)
+    assert stock.config.intermediate_size == 1152 and stock.config.head_dim == 64
+    assert not hasattr(stock.config, "quantization_config")
+    prompt = tokenizer("The king said", return_tensors="pt")
+    ids = torch.arange(5, 37).view(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    generated = [m.generate(**prompt, max_new_tokens=8, do_sample=False) for m in (stock, model)]
+    assert torch.equal(generated[0], generated[1])

@@ -143,6 +143,7 @@ def embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
 SENTENCES = ["The cat sat on the mat.", "Pruning keeps the heads that matter.", "A third, longer sentence here."]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budgets", [{"neurons": 0.25}, {"heads": 0.25, "neurons": 0.25}], ids=["stock", "heads"])
 def test_pruned_minilm_stays_a_sentence_transformers_folder_with_its_tokenizer(minilm, budgets, tmp_path):
     import copy

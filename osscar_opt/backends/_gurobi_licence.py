@@ -3,12 +3,16 @@
 The gurobipy pip wheel ships a size-limited licence: at most :data:`LINEAR_LIMIT` variables and
 linear constraints, and at most :data:`QUADRATIC_LIMIT` variables when the model has quadratic
 terms; a larger model fails with Gurobi error :data:`SIZE_LIMIT_ERROR`, which the backends
-translate into :class:`GurobiSizeLimitError`. Importing this module does not import gurobipy.
+translate into :class:`GurobiSizeLimitError`. Importing this module does not import gurobipy;
+without gurobipy, :func:`gurobipy` raises an ImportError that names ``pip install 'osscar-opt[exact]'``.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
+
+from osscar_opt._extras import require
 
 SIZE_LIMIT_ERROR = 10010
 LINEAR_LIMIT = 2000
@@ -20,12 +24,20 @@ class GurobiSizeLimitError(ValueError):
     """Gurobi refused the model under its size-limited licence (error 10010)."""
 
 
+def gurobipy(purpose: str = "the 'gurobi' backend") -> ModuleType:
+    """The gurobipy module; when it is not installed, an ImportError with the pip command (``exact`` extra).
+
+    Only a missing gurobipy is reported so: Gurobi's own errors (licence, size limit) pass unchanged.
+    """
+    return require("gurobipy", "exact", purpose)
+
+
 def environment(options: dict[str, Any]):
     """The Gurobi environment: ``env`` as given, or a new one with ``env_params`` (output off).
 
     Returns ``(env, owned)``; the caller disposes of an ``owned`` environment.
     """
-    import gurobipy as gp
+    gp = gurobipy()
 
     if options.get("env") is not None:
         if "env_params" in options:
@@ -44,7 +56,7 @@ def environment(options: dict[str, Any]):
 
 def licence_is_restricted(env) -> bool:
     """True when ``env`` carries the size-limited licence (probed once with a 201-variable QP)."""
-    import gurobipy as gp
+    gp = gurobipy()
 
     key = "licence"  # one licence per process (the probe costs a solve, so it runs once)
     if key not in _RESTRICTED:

@@ -31,12 +31,13 @@ class Backend:
     Subclasses set ``name`` and implement :meth:`solve`, which may return a :class:`SearchResult`
     or just the kept group ids. ``exact`` backends return proven lower bounds.
     ``requires`` names Python modules the backend needs; :meth:`is_installed` checks them
-    without importing them.
+    without importing them, and ``extra`` names the pip extra of osscar-opt that installs them.
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str] = ""
     options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod

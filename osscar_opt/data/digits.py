@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from osscar_opt._extras import MissingExtraError, require
+
 NUM_CLASSES = 10
 
 
@@ -38,10 +40,10 @@ def digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> 
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError("digits: scikit-learn is needed (pip install 'osscar-opt[bench]')") from exc
+        load_digits = require("sklearn.datasets", "bench", "digits: the digits data set").load_digits
+        train_test_split = require("sklearn.model_selection", "bench", "digits: the digits data set").train_test_split
+    except MissingExtraError as exc:  # digits needs scikit-learn: pip install 'osscar-opt[bench]' ...
+        raise ValueError(str(exc)) from exc
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)

@@ -66,6 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from osscar_opt._extras import require
 from osscar_opt.adapters.base import check_batch_size
 from osscar_opt.budget import check_sparsity, keep_count
 
@@ -74,7 +75,6 @@ IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor")
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-_INSTALL = 'Torch-Pruning is not installed: pip install torch-pruning (or pip install "osscar-opt[bench]")'
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,8 @@ def prune_with_torch_pruning(
             raise ValueError("calibration_ids: the taylor importance needs (samples, seq_len) token ids, got None")
     else:
         _check_ids(calibration_ids, vocab)
-    try:
-        import torch_pruning as tp
-    except ImportError as error:
-        raise ImportError(_INSTALL) from error
+    # ImportError "... pip install 'osscar-opt[bench]' (or pip install torch-pruning)" when it is missing
+    tp = require("torch_pruning", "bench", "the Torch-Pruning peer")
 
     start = time.perf_counter()
     kv_keep = keep_count(shape.num_kv, kv_sparsity)
