@@ -1,6 +1,8 @@
-"""Pictures of a pruning run: the kept share per stage and structure kind (a heat map).
+"""Pictures of a pruning run: the kept share per stage and structure kind (a heat map), the
+per-layer loss and kept share (:func:`layer_plot`), and ``osscar certify``'s gap against keep
+(:func:`gap_plot`).
 
-matplotlib is an optional dependency (the ``bench`` extra); without it :func:`keep_heatmap`
+matplotlib is an optional dependency (the ``plot`` extra); without it :func:`keep_heatmap`
 raises an ImportError that names the pip command.
 """
 
@@ -11,16 +13,12 @@ from typing import Any
 
 
 def _pyplot():
-    try:
-        import matplotlib
+    from osscar_opt._extras import require
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "plots need matplotlib: pip install 'osscar-opt[bench]' (or pip install matplotlib)"
-        ) from error
-    return plt
+    # ImportError "plots need matplotlib: pip install 'osscar-opt[plot]' (or pip install matplotlib)" without it
+    matplotlib = require("matplotlib", "plot", "plots")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "plot", "plots")
 
 
 def kept_fractions(layers: list[dict[str, Any]]) -> tuple[list[str], list[int], dict[tuple[str, int], float]]:
@@ -75,3 +73,95 @@ def keep_heatmap(report: dict[str, Any], path: str | Path, title: str = "") -> P
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _save(plt, figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _short(name: str, width: int = 32) -> str:
+    """A layer name cut from the left to ``width`` characters (the end names the layer)."""
+    return name if len(name) <= width else "..." + name[len(name) - width + 3:]
+
+
+def gap_plot(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG of the certified gap (%) against keep, one line per layer.
+
+    ``rows`` are ``osscar certify`` rows (:func:`osscar_opt.commands.certify.certify_rows`, or its
+    ``--json`` file): each has ``name`` (and ``file``), ``keep`` and ``heuristic_gap`` (the
+    heuristic's gap to the best certified bound, a fraction).
+    """
+    plt = _pyplot()
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for row in rows:
+        key = (str(row.get("file", "")), str(row["name"]))
+        lines.setdefault(key, []).append((int(row["keep"]), 100.0 * float(row["heuristic_gap"])))
+    if not lines:
+        raise ValueError("rows: no certify rows to plot")
+    figure, axes = plt.subplots(figsize=(7.0, 4.5))
+    names = [name for _, name in lines]
+    for (file, name), points in lines.items():
+        points.sort()
+        label = _short(name) if names.count(name) == 1 else _short(f"{name} ({file})")
+        axes.plot([k for k, _ in points], [g for _, g in points], marker="o", label=label)
+    axes.set_xlabel("keep (groups kept)")
+    axes.set_ylabel("certified gap (%)")
+    axes.set_ylim(bottom=0.0)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7 if len(lines) > 6 else 9, ncol=2 if len(lines) > 10 else 1)
+    axes.set_title(title or "certified gap of the heuristic vs keep")
+    figure.tight_layout()
+    return _save(plt, figure, path)
+
+
+def layer_plot(report: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Write a two-panel PNG of a prune report: per-layer relative loss (log scale) and kept share.
+
+    ``report`` is :meth:`osscar_opt.pipeline.PruneReport.to_dict`'s document; layers are drawn in
+    forward order (by stage, in the report's order within a stage), one colour per structure kind.
+    The top panel shows ``relative_loss`` (the layer loss over the loss of keeping nothing;
+    ``loss`` where a record has no relative loss) and, where recorded, the held-out relative loss
+    as hollow markers; the bottom panel shows ``keep / groups``.
+    """
+    plt = _pyplot()
+    layers = sorted(report["layers"], key=lambda layer: int(layer.get("stage", 0)))
+    if not layers:
+        raise ValueError("report: no pruned layers to plot")
+    relative = all(layer.get("relative_loss") is not None for layer in layers)
+    losses = [float(layer["relative_loss"] if relative else layer["loss"]) for layer in layers]
+    positive = [value for value in losses if value > 0]
+    floor = min(positive) / 10 if positive else 1e-12  # zero losses still show on the log scale
+    kinds = list(dict.fromkeys(str(layer["kind"]) for layer in layers))
+    colours = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
+    x = list(range(len(layers)))
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(6.0, 0.12 * len(layers) + 3.0), 6.0))
+    top.plot(x, [max(v, floor) for v in losses], color="0.75", linewidth=0.8, zorder=1)
+    for kind in kinds:
+        index = [i for i in x if str(layers[i]["kind"]) == kind]
+        top.scatter(index, [max(losses[i], floor) for i in index], color=colours[kind], label=kind, s=18, zorder=2)
+        bottom.bar(index, [layers[i]["keep"] / layers[i]["groups"] for i in index], color=colours[kind], label=kind)
+        heldout = [i for i in index if layers[i].get("heldout_relative_loss") is not None]
+        if heldout:
+            top.scatter(heldout, [max(float(layers[i]["heldout_relative_loss"]), floor) for i in heldout],
+                        facecolors="none", edgecolors=[colours[kind]], s=30, zorder=2)
+    if any(layer.get("heldout_relative_loss") is not None for layer in layers):
+        top.scatter([], [], facecolors="none", edgecolors="0.4", s=30, label="held-out (hollow)")
+    top.set_yscale("log")
+    top.set_ylabel("relative loss (loss / c0)" if relative else "loss")
+    top.grid(True, which="major", alpha=0.3)
+    top.legend(fontsize=8)
+    bottom.set_ylabel("kept share")
+    bottom.set_ylim(0.0, 1.05)
+    bottom.grid(True, axis="y", alpha=0.3)
+    stages = [int(layer.get("stage", 0)) for layer in layers]
+    starts = [i for i in x if i == 0 or stages[i] != stages[i - 1]]
+    step = max(1, len(starts) // 16)
+    bottom.set_xticks(starts[::step], [str(stages[i]) for i in starts[::step]])
+    bottom.set_xlabel("layer in forward order (ticks: first layer of each stage)")
+    top.set_title(title or "per-layer reconstruction loss and kept share")
+    figure.tight_layout()
+    return _save(plt, figure, path)

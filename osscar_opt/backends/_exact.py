@@ -24,7 +24,7 @@ import torch
 from osscar_opt.backends import _search
 from osscar_opt.backends.base import SearchResult
 from osscar_opt.problem import LayerProblem
-from osscar_opt.relaxation import Cut, PerspectiveFunction, make_shift, relax, safe_bound
+from osscar_opt.relaxation import Cut, PerspectiveFunction, block_shift, make_shift, relax, safe_bound
 
 FORMULATIONS = ("outer-approximation", "miqp")
 FORMULATION_ALIASES = {"oa": "outer-approximation", "outer-approximation": "outer-approximation",
@@ -92,12 +92,14 @@ def check_count(name: str, value: Any) -> int:
 WARM_STARTS = {"local-search": _search.local_search, "greedy": _search.greedy}
 
 
-def warm_start(problem: LayerProblem, keep: int, value: Any) -> tuple[int, ...] | None:
+def warm_start(problem: LayerProblem, keep: int, value: Any,
+               time_limit: float | None = None) -> tuple[int, ...] | None:
     """The warm-start support.
 
     True or "local-search" (the default): the support the ``local-search`` backend finds with its
-    default options; "greedy": the ``greedy`` backend's; False/None: none; or group ids, or an
-    object with a ``support`` (such as a :class:`~osscar_opt.solution.Solution`).
+    default options (within ``time_limit`` seconds when given); "greedy": the ``greedy`` backend's;
+    False/None: none; or group ids, or an object with a ``support`` (such as a
+    :class:`~osscar_opt.solution.Solution`).
     """
     if value is False or value is None:
         return None
@@ -109,7 +111,8 @@ def warm_start(problem: LayerProblem, keep: int, value: Any) -> tuple[int, ...] 
                 f"warm_start: unknown warm start {value!r}; expected True (the local-search solution), False or "
                 f"None (no warm start), one of {sorted(WARM_STARTS)}, group ids, or a Solution"
             )
-        return problem.check_support(WARM_STARTS[value](problem, keep).support, "warm_start")
+        options = {"time_limit": max(time_limit, 1e-3)} if value == "local-search" and time_limit is not None else {}
+        return problem.check_support(WARM_STARTS[value](problem, keep, **options).support, "warm_start")
     support = problem.check_support(getattr(value, "support", value), "warm_start")
     if len(support) > keep:
         raise ValueError(f"warm_start: keeps {len(support)} groups, more than keep={keep}")
@@ -144,6 +147,47 @@ def binary_point(support: Sequence[int], num_groups: int) -> torch.Tensor:
     return z
 
 
+# Time limits are wall-clock limits on a whole backend call (setup, model building and every
+# solver call): the backends compute a deadline once and hand each step the time left. The warm
+# start, the block-shift search and the root relaxation may each use this share of the time left.
+SETUP_SHARE = 0.25
+
+
+def deadline_of(begin: float, time_limit: float | None) -> float | None:
+    """``begin + time_limit`` (``time.perf_counter`` clock), or None without a limit."""
+    return None if time_limit is None else begin + time_limit
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (may be negative), or None without one."""
+    return None if deadline is None else deadline - time.perf_counter()
+
+
+def _share(deadline: float | None) -> float | None:
+    left = time_left(deadline)
+    return None if left is None else max(SETUP_SHARE * left, 0.0)
+
+
+class Stopwatch:
+    """Running mean of the seconds one perspective-function evaluation (one cut) takes.
+
+    A solver cannot be interrupted while a callback computes a cut, so before computing one the
+    backends ask :meth:`fits` whether it can finish before the deadline.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.total = 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count, self.total = self.count + 1, self.total + seconds
+
+    def fits(self, deadline: float | None) -> bool:
+        if deadline is None:
+            return True
+        mean = self.total / self.count if self.count else 0.0
+        return time.perf_counter() + mean < deadline
+
+
 @dataclass
 class Setup:
     """What both backends prepare before building a model."""
@@ -153,24 +197,37 @@ class Setup:
     relaxation_bound: float
     cuts: list[Cut] = field(default_factory=list)
     seconds: float = 0.0
+    deadline: float | None = None
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
 
-def prepare(problem: LayerProblem, keep: int, common: CommonOptions) -> Setup:
-    """Warm start, perspective function, incumbent and the root relaxation (bound and cuts)."""
+def prepare(problem: LayerProblem, keep: int, common: CommonOptions, deadline: float | None = None) -> Setup:
+    """Warm start, perspective function, incumbent and the root relaxation (bound and cuts).
+
+    With a ``deadline`` the warm-start search, the block-shift search and the root relaxation each
+    stop after a share (``SETUP_SHARE``) of the time left, so the solver gets the rest.
+    """
     begin = time.perf_counter()
-    start = warm_start(problem, keep, common.warm_start)
+    start = warm_start(problem, keep, common.warm_start, time_limit=_share(deadline))
     relaxation_iterations = common.relaxation_iterations
-    fn = PerspectiveFunction(problem, make_shift(problem, common.shift, keep))
+    if common.shift == "block" and deadline is not None:
+        shift = block_shift(problem, keep, time_limit=_share(deadline))[0]
+    else:
+        shift = make_shift(problem, common.shift, keep)
+    fn = PerspectiveFunction(problem, shift)
     incumbent = Incumbent()
+    stopwatch = Stopwatch()
     cuts: list[Cut] = []
     if start is not None:
+        tick = time.perf_counter()
         z = binary_point(start, problem.num_groups).to(fn.K.device)
         value, grad = fn.value_and_grad(z)
+        stopwatch.add(time.perf_counter() - tick)
         incumbent.offer(start, problem.loss(start))
         cuts.append(Cut(z, value, grad))
-    result = relax(fn, keep, iterations=relaxation_iterations, keep_cuts=True)
+    result = relax(fn, keep, iterations=relaxation_iterations, keep_cuts=True, time_limit=_share(deadline))
     cuts.extend(result.cuts)
-    return Setup(fn, incumbent, max(result.bound, 0.0), cuts, time.perf_counter() - begin)
+    return Setup(fn, incumbent, max(result.bound, 0.0), cuts, time.perf_counter() - begin, deadline, stopwatch)
 
 
 def cut_coefficients(cut: Cut, c0: float) -> tuple[torch.Tensor, float]:
@@ -183,10 +240,13 @@ def start_vector(support: Sequence[int], num_groups: int) -> list[float]:
     return binary_point(support, num_groups).tolist()
 
 
-def cut_from_binary(fn: PerspectiveFunction, support: Sequence[int]) -> Cut:
+def cut_from_binary(fn: PerspectiveFunction, support: Sequence[int], stopwatch: Stopwatch | None = None) -> Cut:
     """The cut at the binary point of ``support`` (its value is the support's loss)."""
+    tick = time.perf_counter()
     z = binary_point(support, fn.num_groups).to(fn.K.device)
     value, grad = fn.value_and_grad(z)
+    if stopwatch is not None:
+        stopwatch.add(time.perf_counter() - tick)
     return Cut(z, value, grad)
 
 

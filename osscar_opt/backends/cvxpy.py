@@ -12,7 +12,9 @@ Formulations (option ``formulation``; math in :mod:`osscar_opt.relaxation`):
 
 Options: ``formulation``, ``solver`` (default "SCIP"; any installed mixed-integer solver by name:
 GUROBI, HIGHS / SCIPY / CBC / GLPK_MI for the OA master, MOSEK if licensed, ECOS_BB),
-``time_limit`` (seconds), ``rel_gap`` / ``mip_gap`` (default 1e-6), ``warm_start`` (default: the
+``time_limit`` (wall-clock seconds for the whole call, setup and every master included; when it
+runs out the status is "time_limit" with the best bound proven so far), ``rel_gap`` / ``mip_gap``
+(default 1e-6), ``warm_start`` (default: the
 local-search solution; "greedy"; False for none; or group ids), ``shift``, ``verbose``,
 ``relaxation_iterations``, ``max_iterations`` (OA masters, default 500), ``solver_options`` (dict
 passed to ``Problem.solve``).
@@ -22,10 +24,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 
+from osscar_opt._extras import install_hint, require
 from osscar_opt.backends import _exact
 from osscar_opt.backends._gurobi_licence import GurobiSizeLimitError, default_licence_is_restricted
 from osscar_opt.backends.base import Backend, SearchResult, check_options
@@ -42,11 +46,18 @@ MILP_SOLVERS = ("SCIP", "GUROBI", "HIGHS", "SCIPY", "CBC", "GLPK_MI", "CPLEX", "
 MISOCP_SOLVERS = ("SCIP", "GUROBI", "MOSEK", "CPLEX", "XPRESS", "COPT", "ECOS_BB")
 # Relative margin (in units of c0) for objective values reported by a solver with tolerances.
 SOLVER_MARGIN = 1e-8
+# Solvers that the "exact" extra installs (pyscipopt for SCIP, gurobipy for GUROBI).
+EXTRA_SOLVERS = {"SCIP": "pyscipopt", "GUROBI": "gurobipy"}
+
+
+def _cvxpy():
+    """The cvxpy module; when it is not installed, an ImportError naming ``pip install 'osscar-opt[exact]'``."""
+    return require("cvxpy", "exact", "the 'cvxpy' backend")
 
 
 def check_solver(solver: Any, formulation: str) -> str:
     """The solver name, upper-cased; a missing or unsuitable one lists the installed suitable ones."""
-    import cvxpy as cp
+    cp = _cvxpy()
 
     installed = set(cp.installed_solvers())
     suitable = MILP_SOLVERS if formulation == "outer-approximation" else MISOCP_SOLVERS
@@ -56,7 +67,8 @@ def check_solver(solver: Any, formulation: str) -> str:
         raise ValueError(f"solver: expected a solver name, got {solver!r}; installed {kind} solvers: {usable}")
     name = solver.upper()
     if name not in installed:
-        raise ValueError(f"solver: {solver!r} is not installed; installed {kind} solvers for formulation "
+        hint = f" ({install_hint(EXTRA_SOLVERS[name], 'exact')})" if name in EXTRA_SOLVERS else ""
+        raise ValueError(f"solver: {solver!r} is not installed{hint}; installed {kind} solvers for formulation "
                          f"{formulation!r}: {usable}")
     if name not in suitable:
         raise ValueError(f"solver: {solver!r} cannot solve the {kind} of formulation {formulation!r}; installed "
@@ -92,11 +104,13 @@ class CvxpyBackend(Backend):
     name = "cvxpy"
     exact = True
     requires = ("cvxpy",)
+    extra = "exact"
     options = OPTIONS
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
         check_options(self.name, options, OPTIONS)
-        begin = time.perf_counter()
+        begin = time.perf_counter()  # the time limit counts from here, import included
+        _cvxpy()  # ImportError naming pip install 'osscar-opt[exact]' when cvxpy is missing
         common = _exact.common_options(options)
         formulation = common.formulation
         solver = check_solver(options.get("solver", "SCIP"), formulation)
@@ -112,30 +126,45 @@ class CvxpyBackend(Backend):
                     f"{limit}) and a dense quadratic that CVXPY cannot build in reasonable memory; use "
                     "formulation='outer-approximation' (one binary per group) or osscar_opt.certify for a bound"
                 )
-        setup = _exact.prepare(problem, keep, common)
-        deadline = None if common.time_limit is None else begin + common.time_limit
+        # time_limit bounds the whole call: setup, every master's compilation and solve, the cuts
+        deadline = _exact.deadline_of(begin, common.time_limit)
+        setup = _exact.prepare(problem, keep, common, deadline)
         settings = {"solver": solver, "verbose": bool(options.get("verbose", False)), "extra": extra,
-                    "deadline": deadline, "rel_gap": common.rel_gap}
+                    "deadline": deadline, "rel_gap": common.rel_gap, "warnings": []}
         if formulation == "outer-approximation":
             max_iterations = _exact.check_count("max_iterations", options.get("max_iterations", 500))
             status, bound, info = self._outer_approximation(problem, keep, setup, settings, max_iterations)
         else:
             status, bound, info = self._miqp(problem, keep, setup, settings)
         info.update({"formulation": formulation, "solver": solver, "setup_seconds": setup.seconds})
+        if settings["warnings"]:  # CVXPY's warnings (e.g. "Solution may be inaccurate"), kept off the terminal
+            info["solver_warnings"] = "; ".join(settings["warnings"])
         return _exact.finish(setup, status, bound, info)
 
     @staticmethod
     def _run(problem_, settings: dict[str, Any], gap: float) -> str:
-        """Solve a CVXPY problem within the deadline; returns CVXPY's status (or "time_limit"/"error")."""
-        import cvxpy as cp
+        """Solve a CVXPY problem within the deadline; returns CVXPY's status (or "time_limit"/"error").
 
-        remaining = None if settings["deadline"] is None else settings["deadline"] - time.perf_counter()
-        if remaining is not None and remaining <= 0:
-            return "time_limit"
+        The solver gets the time left minus CVXPY's own overhead on the previous solve (compiling
+        the problem is not on the solver's clock). CVXPY's warnings are recorded in
+        ``settings["warnings"]`` instead of being printed.
+        """
+        cp = _cvxpy()
+
+        remaining = _exact.time_left(settings["deadline"])
+        if remaining is not None:
+            remaining -= settings.get("overhead", 0.0)
+            if remaining <= 0:
+                return "time_limit"
         arguments = solver_arguments(settings["solver"], remaining, gap)
-        arguments.update(settings["extra"])
+        for key, value in settings["extra"].items():  # solver_options; a parameter dict is merged, not replaced
+            both = isinstance(value, dict) and isinstance(arguments.get(key), dict)
+            arguments[key] = {**arguments[key], **value} if both else value
+        tick = time.perf_counter()
         try:
-            problem_.solve(solver=settings["solver"], verbose=settings["verbose"], **arguments)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                problem_.solve(solver=settings["solver"], verbose=settings["verbose"], **arguments)
         except cp.error.SolverError as exc:
             text = " ".join(str(part) for part in (exc, exc.__cause__, exc.__context__) if part is not None)
             if settings["solver"] == "GUROBI" and default_licence_is_restricted():
@@ -148,7 +177,29 @@ class CvxpyBackend(Backend):
                 return "time_limit"  # stopped by the time limit before finding a solution
             settings["last_error"] = text
             return "error"
+        finally:
+            for message in caught:
+                note = " ".join(str(message.message).split())
+                if note not in settings["warnings"]:
+                    settings["warnings"].append(note)
+        solve_time = getattr(getattr(problem_, "solver_stats", None), "solve_time", None)
+        if isinstance(solve_time, int | float) and math.isfinite(solve_time):
+            settings["overhead"] = max(0.0, time.perf_counter() - tick - float(solve_time))
         return str(problem_.status)
+
+    @staticmethod
+    def _stopped(outcome: str, raw_status: str | None, settings: dict[str, Any]) -> str:
+        """The status of a solve that did not end optimal: "time_limit" when the time limit (or a
+        user limit) stopped it, "inaccurate" for a solution CVXPY flags as inaccurate otherwise,
+        else CVXPY's status ("error", "infeasible", ...)."""
+        cp = _cvxpy()
+
+        if outcome in ("time_limit", cp.USER_LIMIT) or raw_status in ("timelimit", "userinterrupt"):
+            return "time_limit"
+        if outcome in (cp.OPTIMAL_INACCURATE, cp.INFEASIBLE_INACCURATE, cp.UNBOUNDED_INACCURATE):
+            left = _exact.time_left(settings["deadline"])
+            return "time_limit" if left is not None and left <= 0.05 else "inaccurate"
+        return outcome
 
     @staticmethod
     def _solver_report(problem_) -> tuple[str | None, float | None]:
@@ -167,7 +218,7 @@ class CvxpyBackend(Backend):
 
     # ------------------------------------------------------------------ outer approximation
     def _outer_approximation(self, problem, keep, setup, settings, max_iterations):
-        import cvxpy as cp
+        cp = _cvxpy()
 
         fn, c0 = setup.fn, setup.fn.c0
         G = problem.num_groups
@@ -187,7 +238,9 @@ class CvxpyBackend(Backend):
             if raw_status in ("optimal", "gaplimit"):
                 outcome = cp.OPTIMAL
             if outcome not in (cp.OPTIMAL,):
-                status = "time_limit" if outcome in ("time_limit", cp.USER_LIMIT, cp.OPTIMAL_INACCURATE) else outcome
+                status = self._stopped(outcome, raw_status, settings)
+                if dual is not None and math.isfinite(dual):  # the stopped master's proven bound still holds
+                    bound = max(bound or -math.inf, dual * c0 - SOLVER_MARGIN * c0)
                 if z.value is not None and outcome != "error":
                     support = _exact.support_of(z.value, keep)
                     setup.incumbent.offer(support, problem.loss(support))
@@ -195,7 +248,13 @@ class CvxpyBackend(Backend):
             value = float(master.value) if dual is None or not math.isfinite(dual) else min(dual, float(master.value))
             bound = max(bound or -math.inf, value * c0 - SOLVER_MARGIN * c0)
             support = _exact.support_of(z.value, keep)
-            cut = _exact.cut_from_binary(fn, support)
+            if not setup.stopwatch.fits(settings["deadline"]):  # no time for another cut and master
+                setup.incumbent.offer(support, problem.loss(support))
+                status = "time_limit"
+                if setup.incumbent.loss - bound <= settings["rel_gap"] * setup.incumbent.loss:
+                    status = "optimal"
+                break
+            cut = _exact.cut_from_binary(fn, support, setup.stopwatch)
             setup.incumbent.offer(support, cut.value)
             if setup.incumbent.loss - bound <= settings["rel_gap"] * setup.incumbent.loss or support in seen:
                 status = "optimal"
@@ -204,11 +263,14 @@ class CvxpyBackend(Backend):
             slope, constant = _exact.cut_coefficients(cut, c0)
             slopes.append(slope.cpu().numpy())
             constants.append(constant)
-        return status, bound, {"masters": masters, "cuts": len(slopes)}
+        info = {"masters": masters, "cuts": len(slopes)}
+        if "last_error" in settings:
+            info["error"] = settings["last_error"]
+        return status, bound, info
 
     # ------------------------------------------------------------------ perspective MISOCP
     def _miqp(self, problem, keep, setup, settings):
-        import cvxpy as cp
+        cp = _cvxpy()
 
         fn, c0 = setup.fn, setup.fn.c0
         K = fn.K.clone()
@@ -247,7 +309,7 @@ class CvxpyBackend(Backend):
                 if math.isfinite(value):
                     bound = (value + 1.0) * c0 * (1.0 - settings["rel_gap"]) - SOLVER_MARGIN * c0
         else:
-            status = "time_limit" if outcome in ("time_limit", cp.USER_LIMIT, cp.OPTIMAL_INACCURATE) else outcome
+            status = self._stopped(outcome, raw_status, settings)
         info = {"variables": int(p * r + problem.num_groups)}
         if "last_error" in settings:
             info["error"] = settings["last_error"]

@@ -11,7 +11,9 @@ Formulations (option ``formulation``; math in :mod:`osscar_opt.relaxation`):
   (``p x r``, ``r = min(p, m)``): ``min tr(W^T K W) - 2 <Chat, W> + sum_g s_g`` with rotated
   cones ``||W_g||_F^2 <= s_g z_g``; ``p r + 2 G`` variables with quadratic terms.
 
-Options: ``formulation``, ``time_limit`` (seconds), ``rel_gap`` / ``mip_gap`` (default 1e-6),
+Options: ``formulation``, ``time_limit`` (wall-clock seconds for the whole call: setup, model
+building, the solve and the cut callbacks; when it runs out the status is "time_limit" with the
+best bound proven so far), ``rel_gap`` / ``mip_gap`` (default 1e-6),
 ``threads``, ``warm_start`` (default True or "local-search": the local-search solution; "greedy";
 False for none; or group ids), ``shift`` ("scalar" or "block"), ``env`` (a ``gurobipy.Env``),
 ``env_params`` (dict of environment / licence parameters such as ``WLSACCESSID``, ``WLSSECRET``,
@@ -33,6 +35,7 @@ from osscar_opt.backends._gurobi_licence import (
     SIZE_LIMIT_ERROR,
     GurobiSizeLimitError,
     environment,
+    gurobipy,
     licence_is_restricted,
 )
 from osscar_opt.backends.base import Backend, SearchResult, check_options
@@ -61,7 +64,7 @@ def size_limit_message(formulation: str, variables: int, constraints: int, quadr
 
 
 def _status(model) -> str:
-    from gurobipy import GRB
+    GRB = gurobipy().GRB
 
     names = {GRB.OPTIMAL: "optimal", GRB.TIME_LIMIT: "time_limit", GRB.INTERRUPTED: "interrupted",
              GRB.NODE_LIMIT: "node_limit", GRB.SOLUTION_LIMIT: "solution_limit", GRB.WORK_LIMIT: "work_limit",
@@ -103,7 +106,7 @@ def _set_parameters(model, options: dict[str, Any], rel_gap: float, remaining: f
 
 
 def _add_cut(model, z, eta, cut: _exact.Cut, c0: float, lazy: bool = False) -> None:
-    import gurobipy as gp
+    gp = gurobipy()
 
     slope, constant = _exact.cut_coefficients(cut, c0)
     expression = gp.LinExpr(slope.cpu().tolist(), list(z)) + constant
@@ -119,21 +122,23 @@ class GurobiBackend(Backend):
     name = "gurobi"
     exact = True
     requires = ("gurobipy",)
+    extra = "exact"
     options = OPTIONS
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
         check_options(self.name, options, OPTIONS)
-        begin = time.perf_counter()
+        begin = time.perf_counter()  # the time limit counts from here, import included
+        gurobipy()  # ImportError naming pip install 'osscar-opt[exact]' when gurobipy is missing
         common = _exact.common_options(options)
         formulation, time_limit = common.formulation, common.time_limit
         env, owned = environment(options)
         try:
             if formulation == "miqp" and options.get("size_check", True):
                 self._check_size(env, problem, formulation)
-            setup = _exact.prepare(problem, keep, common)
-            remaining = None if time_limit is None else time_limit - (time.perf_counter() - begin)
+            # time_limit bounds the whole call: setup, model building, the solve and the cut callbacks
+            setup = _exact.prepare(problem, keep, common, _exact.deadline_of(begin, time_limit))
             runner = self._outer_approximation if formulation == "outer-approximation" else self._miqp
-            status, bound, info = runner(env, problem, keep, setup, options, common.rel_gap, remaining)
+            status, bound, info = runner(env, problem, keep, setup, options, common.rel_gap)
         finally:
             if owned:
                 env.dispose()
@@ -152,7 +157,7 @@ class GurobiBackend(Backend):
 
     @staticmethod
     def _optimize(model, formulation: str, quadratic: bool, callback=None) -> None:
-        import gurobipy as gp
+        gp = gurobipy()
 
         try:
             model.optimize(callback) if callback is not None else model.optimize()
@@ -165,9 +170,9 @@ class GurobiBackend(Backend):
             raise
 
     # ------------------------------------------------------------------ outer approximation
-    def _outer_approximation(self, env, problem, keep, setup, options, rel_gap, remaining):
-        import gurobipy as gp
-        from gurobipy import GRB
+    def _outer_approximation(self, env, problem, keep, setup, options, rel_gap):
+        gp = gurobipy()
+        GRB = gp.GRB
 
         fn, c0 = setup.fn, setup.fn.c0
         G = problem.num_groups
@@ -183,19 +188,26 @@ class GurobiBackend(Backend):
                 for g, value in enumerate(_exact.start_vector(setup.incumbent.support, G)):
                     z[g].Start = value
                 eta.Start = setup.incumbent.loss / c0
+            remaining = _exact.time_left(setup.deadline)  # after building the model: its time counts
             _set_parameters(model, options, rel_gap, remaining)
             model.Params.LazyConstraints = 1
             model.Params.IntFeasTol = 1e-9
             errors: list[BaseException] = []
-            counters = {"lazy_cuts": 0}
+            counters = {"lazy_cuts": 0, "out_of_time": False}
 
             def callback(model_, where):
-                if where != GRB.Callback.MIPSOL or errors:
+                if where != GRB.Callback.MIPSOL or errors or counters["out_of_time"]:
+                    return
+                if not setup.stopwatch.fits(setup.deadline):
+                    # Gurobi cannot stop while a callback computes a cut: stop before one that would
+                    # end past the deadline (the bound so far stays valid: fewer cuts, a weaker master)
+                    counters["out_of_time"] = True
+                    model_.terminate()
                     return
                 try:
                     values = model_.cbGetSolution(z_list)
                     support = _exact.support_of(values, keep)
-                    cut = _exact.cut_from_binary(fn, support)
+                    cut = _exact.cut_from_binary(fn, support, setup.stopwatch)
                     setup.incumbent.offer(support, cut.value)
                     if model_.cbGetSolution(eta) < cut.value / c0 - 1e-10:
                         _add_cut(model_, z_list, eta, cut, c0, lazy=True)
@@ -204,23 +216,24 @@ class GurobiBackend(Backend):
                     errors.append(exc)
                     model_.terminate()
 
-            if remaining is None or remaining > 0:
+            solved = remaining is None or remaining > 0
+            if solved:
                 self._optimize(model, "outer-approximation", False, callback)
             if errors:
                 raise errors[0]
             if _attribute(model, "SolCount") > 0:
                 support = _exact.support_of([z[g].X for g in range(G)], keep)
                 setup.incumbent.offer(support, problem.loss(support))
-            status = _status(model) if (remaining is None or remaining > 0) else "time_limit"
-            bound = _objective_bound(model)
+            status = _status(model) if solved and not counters["out_of_time"] else "time_limit"
+            bound = _objective_bound(model) if solved else None
             info = {"nodes": int(_attribute(model, "NodeCount")),
                     "cuts": len(setup.cuts) + counters["lazy_cuts"], "lazy_cuts": counters["lazy_cuts"]}
         return status, None if bound is None else bound * c0, info
 
     # ------------------------------------------------------------------ perspective MIQP
-    def _miqp(self, env, problem, keep, setup, options, rel_gap, remaining):
-        import gurobipy as gp
-        from gurobipy import GRB
+    def _miqp(self, env, problem, keep, setup, options, rel_gap):
+        gp = gurobipy()
+        GRB = gp.GRB
 
         fn, c0 = setup.fn, setup.fn.c0
         K = fn.K.clone()
@@ -243,13 +256,15 @@ class GurobiBackend(Backend):
                 model.addConstr(block @ block <= s[g] * z[g])
             if setup.incumbent.support or keep == 0:
                 z.Start = _exact.start_vector(setup.incumbent.support, G)
+            remaining = _exact.time_left(setup.deadline)  # after building the model: its time counts
             _set_parameters(model, options, rel_gap, remaining)
-            if remaining is None or remaining > 0:
+            solved = remaining is None or remaining > 0
+            if solved:
                 self._optimize(model, "miqp", True)
             if _attribute(model, "SolCount") > 0:
                 support = _exact.support_of(z.X, keep)
                 setup.incumbent.offer(support, problem.loss(support))
-            status = _status(model) if (remaining is None or remaining > 0) else "time_limit"
-            bound = _objective_bound(model)
+            status = _status(model) if solved else "time_limit"
+            bound = _objective_bound(model) if solved else None
             info = {"nodes": int(_attribute(model, "NodeCount")), "variables": int(model.NumVars)}
         return status, None if bound is None else bound * c0, info

@@ -3,19 +3,39 @@
 For every saved :class:`~osscar_opt.problem.LayerProblem` and every budget: the heuristic
 (``--heuristic``, default local-search) loss, the certified relaxation bound (``--shift``), and
 for every ``--backend`` (default gurobi and cvxpy, outer approximation) the exact loss, its bound,
-status and seconds. A backend that fails on a layer (e.g. the Gurobi size limit) gets its error
-in the row instead of stopping the run. ``--json OUT`` writes the rows.
+status and seconds. ``--time-limit`` is a wall-clock limit on each exact backend call. A backend
+that fails on a layer (e.g. the Gurobi size limit) gets its error in the row instead of stopping
+the run.
+
+The table (at most 100 columns) has one line per layer and keep: losses relative to ``c0`` (the
+loss of pruning every group: the layer's dense output energy plus the ridge term), the best
+certified bound over the relaxation and every exact backend, the heuristic's gap to it, the best
+exact status and the method whose bound is best. A keep at or above a layer's number of groups
+is skipped with a line saying so; keeps below 2% of a layer's groups get a note line before
+solving. ``--json OUT`` writes every row with every backend's details; ``--plot PNG`` draws the
+certified gap against keep, one line per layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from osscar_opt.commands.options import parse_backend_options, problem_files, saved_budgets
+
+WIDTH = 100  # the table and the lines under it fit this many columns
+TINY_SHARE = 0.02  # a keep below this share of a layer's groups gets a note
+# Best first: the status shown for a row with several exact backends.
+STATUS_ORDER = ("optimal", "time_limit", "iteration_limit", "node_limit", "work_limit", "solution_limit",
+                "interrupted", "suboptimal", "inaccurate", "numeric")
+UNIT = "loss / c0"
+UNIT_TEXT = "losses in units of c0, the loss of pruning every group (dense output energy + ridge)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("files", nargs="+", help="LayerProblem files (*.safetensors) or folders of them")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, nargs="+", default=None,
-                        help="groups kept (one or more; default: the budget saved with each problem)")
+                        help="groups kept (one or more; default: the budget saved with each problem); a keep at "
+                        "or above a layer's number of groups is skipped")
     budget.add_argument("--sparsity", type=float, default=None,
                         help="fraction of groups removed in every problem (the pipeline's budget rule)")
     parser.add_argument("--heuristic", default="local-search", help="heuristic backend (default local-search)")
@@ -36,11 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "'none' for bounds only")
     parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option for the exact backends, repeatable (e.g. time_limit=60)")
-    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per exact solve (default 60)")
+    parser.add_argument("--time-limit", type=float, default=60.0,
+                        help="wall-clock seconds per exact backend call, setup included (default 60)")
     parser.add_argument("--shift", default="scalar", choices=("scalar", "block", "both"),
                         help="shift of the certified relaxation bound (default scalar)")
     parser.add_argument("--iterations", type=int, default=200, help="relaxation iterations (default 200)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the rows as JSON to OUT")
+    parser.add_argument("--json", default=None, metavar="OUT",
+                        help="write the rows, with every backend's details, as JSON to OUT")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="draw the certified gap (%%) against keep, one line per layer, to PNG (needs matplotlib)")
     parser.set_defaults(func=run)
 
 
@@ -56,75 +81,197 @@ def _backends(items: list[str] | None) -> list[tuple[str, str]]:
     return result
 
 
+def _short_method(label: str) -> str:
+    """``gurobi:outer-approximation`` -> ``gurobi:oa`` (the table's method column)."""
+    name, _, formulation = label.partition(":")
+    return f"{name}:oa" if formulation == "outer-approximation" else label
+
+
+def _relative(value: float | None, c0: float) -> float | None:
+    if value is None:
+        return None
+    return value / c0 if c0 > 0 else 0.0
+
+
+def _json_value(value: Any) -> Any:
+    """Scalars as they are (non-finite floats as strings, which JSON cannot hold), else their text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value if isinstance(value, int | float | str | bool) or value is None else str(value)
+
+
+def usable_budgets(name: str, groups: int, budgets: list[int],
+                   log: Callable[[str], None]) -> tuple[list[int], list[str]]:
+    """The budgets that suit a layer of ``groups`` groups, and its notes.
+
+    Keeps at or above ``groups`` (nothing to choose) or below 1 are skipped with a line; keeps
+    below ``TINY_SHARE`` of the groups get one note line for the layer, and one note each
+    (returned, to be recorded in the rows). Lines fit ``WIDTH`` columns.
+    """
+    def say(line: str) -> None:
+        log(textwrap.fill(line, WIDTH, subsequent_indent="    ", break_on_hyphens=False))
+
+    unique = list(dict.fromkeys(budgets))
+    too_many = [str(keep) for keep in unique if keep >= groups]
+    if too_many:
+        say(f"skip {name}: keep {', '.join(too_many)} >= its {groups} groups (nothing to choose)")
+    too_few = [str(keep) for keep in unique if keep < 1]
+    if too_few:
+        say(f"skip {name}: keep {', '.join(too_few)} keeps no group")
+    usable = [keep for keep in unique if 1 <= keep < groups]
+    tiny = [keep for keep in usable if keep < TINY_SHARE * groups]
+    notes = [f"keep {keep} of {groups} groups ({keep / groups:.1%})" for keep in tiny]
+    if tiny:
+        say(f"note {name}: keep {', '.join(str(k) for k in tiny)} of {groups} groups "
+            f"({', '.join(f'{k / groups:.1%}' for k in tiny)}): a tiny share of this layer")
+    return usable, notes
+
+
+def _best(row: dict[str, Any]) -> tuple[str, str]:
+    """``(status, method)`` of a row: the best exact status ("bound" with no exact backend, "error"
+    when every one failed) and the method whose bound is the best one."""
+    entries, bounds = row["exact"], row["bounds"]
+    method = "relax:block" if bounds.get("block", -math.inf) > bounds.get("scalar", -math.inf) else "relax"
+    best = row["bound"]
+    statuses = []
+    for label, entry in entries.items():
+        if entry["status"] == "error":
+            continue
+        statuses.append(entry["status"])
+        bound = entry.get("lower_bound")
+        if bound is not None and (min(bound, row["heuristic_loss"]) > best
+                                  or (entry["status"] == "optimal" and min(bound, row["heuristic_loss"]) >= best)):
+            best, method = min(bound, row["heuristic_loss"]), label
+    if not entries:
+        return "bound", method
+    if not statuses:
+        return "error", method
+    ranked = sorted(statuses, key=lambda s: STATUS_ORDER.index(s) if s in STATUS_ORDER else len(STATUS_ORDER))
+    return ranked[0], method
+
+
 def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exact: list[tuple[str, str]],
                  options: dict[str, Any], shift: str, iterations: int,
-                 sparsity: float | None = None) -> list[dict[str, Any]]:
-    """One row per (file, keep): the heuristic, the certified bound, and each exact backend's result."""
+                 sparsity: float | None = None, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per (file, keep): the heuristic, the certified bound, and each exact backend's result.
+
+    Every row keeps the raw losses (``heuristic_loss``, ``bound``, ``best_bound``, each backend's
+    ``loss`` / ``lower_bound``) and adds them relative to ``c0`` (``*_relative``, unit ``loss / c0``).
+    ``log`` receives the skip and note lines (printed before solving by the command).
+    """
     from osscar_opt.certify import certify
     from osscar_opt.problem import LayerProblem
     from osscar_opt.solving import solve
 
+    log = log or (lambda line: None)
     rows = []
     for path in files:
         problem = LayerProblem.load(path)
-        for keep in saved_budgets(problem, keeps, sparsity):
+        name = problem.meta.get("name", path.stem)
+        c0 = problem.c0
+        budgets, notes = usable_budgets(name, problem.num_groups, saved_budgets(problem, keeps, sparsity), log)
+        for keep in budgets:
+            begin = time.perf_counter()
             found = solve(problem, keep, heuristic)
             certificate = certify(problem, found, shift=shift, iterations=iterations)
             row: dict[str, Any] = {
-                "file": path.name, "name": problem.meta.get("name", path.stem), "groups": problem.num_groups,
+                "file": path.name, "name": name, "groups": problem.num_groups,
                 "keep": keep, "heuristic": heuristic, "heuristic_loss": found.loss,
                 "heuristic_seconds": found.seconds, "bound": certificate.lower_bound, "bounds": certificate.bounds,
                 "certified_gap": certificate.gap, "certify_seconds": certificate.seconds, "exact": {},
+                "c0": c0, "unit": UNIT, "heuristic_loss_relative": _relative(found.loss, c0),
+                "bound_relative": _relative(certificate.lower_bound, c0),
+                "notes": [note for note in notes if note.startswith(f"keep {keep} of ")],
             }
-            best_bound = certificate.lower_bound
-            for name, formulation in exact:
-                label = f"{name}:{formulation}"
-                begin = time.perf_counter()
+            best_bound, best_loss = certificate.lower_bound, found.loss
+            for name_, formulation in exact:
+                label = f"{name_}:{formulation}"
+                tick = time.perf_counter()
                 try:
-                    solution = solve(problem, keep, name, formulation=formulation,
+                    solution = solve(problem, keep, name_, formulation=formulation,
                                      warm_start=list(found.support), **options)
-                except ValueError as exc:
+                except (ValueError, ImportError) as exc:
                     row["exact"][label] = {"status": "error", "error": str(exc),
-                                           "seconds": time.perf_counter() - begin}
+                                           "seconds": time.perf_counter() - tick}
                     continue
-                row["exact"][label] = {"loss": solution.loss, "lower_bound": solution.lower_bound,
-                                       "gap": solution.gap, "status": solution.status, "seconds": solution.seconds}
+                entry = {"loss": solution.loss, "lower_bound": solution.lower_bound,
+                         "gap": solution.gap, "status": solution.status, "seconds": solution.seconds,
+                         "loss_relative": _relative(solution.loss, c0),
+                         "lower_bound_relative": _relative(solution.lower_bound, c0),
+                         "info": {key: _json_value(value) for key, value in solution.info.items()}}
+                if "solver_warnings" in solution.info:
+                    entry["note"] = solution.info["solver_warnings"]
+                row["exact"][label] = entry
+                best_loss = min(best_loss, solution.loss)
                 if solution.lower_bound is not None:
                     best_bound = max(best_bound, min(solution.lower_bound, found.loss))
             row["best_bound"] = best_bound
+            row["best_bound_relative"] = _relative(best_bound, c0)
             row["heuristic_gap"] = 0.0 if found.loss <= 0 else max(0.0, (found.loss - best_bound) / found.loss)
+            row["best_loss"] = best_loss
+            row["best_loss_relative"] = _relative(best_loss, c0)
+            row["best_status"], row["best_method"] = _best(row)
+            row["seconds"] = time.perf_counter() - begin
             rows.append(row)
     return rows
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The table: one line per layer and keep, one column group per exact backend."""
-    labels = sorted({label for row in rows for label in row["exact"]})
-    header = ["layer", "groups", "keep", "heuristic loss", "bound", "cert. gap", "s"]
-    for label in labels:
-        header += [f"{label} loss", "status", "gap", "s"]
-    header.append("heuristic gap")
-    table = [header]
+def _ellipsize(text: str, width: int) -> str:
+    """``text`` cut from the left to ``width`` characters, marked with "..."."""
+    return text if len(text) <= width else "..." + text[len(text) - width + 3:]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def format_rows(rows: list[dict[str, Any]], width: int = WIDTH) -> str:
+    """The table: a header, one line per layer and keep (at most ``width`` columns), then notes."""
+    header = ["layer", "groups", "keep", "heur. loss", "bound", "gap %", "status", "method", "s"]
+    body = []
     for row in rows:
-        line = [row["name"], str(row["groups"]), str(row["keep"]), f"{row['heuristic_loss']:.6g}",
-                f"{row['bound']:.6g}", f"{row['certified_gap']:.2%}", f"{row['certify_seconds']:.1f}"]
-        for label in labels:
-            entry = row["exact"].get(label)
-            if entry is None:
-                line += ["", "", "", ""]
-            elif entry["status"] == "error":
-                line += ["-", "error", "-", f"{entry['seconds']:.1f}"]
-            else:
-                gap = "-" if entry["gap"] is None else f"{entry['gap']:.2%}"
-                line += [f"{entry['loss']:.6g}", entry["status"], gap, f"{entry['seconds']:.1f}"]
-        line.append(f"{row['heuristic_gap']:.2%}")
-        table.append(line)
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    text = "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-                     for line in table)
-    errors = [f"{row['name']} keep {row['keep']} {label}: {entry['error']}" for row in rows
-              for label, entry in row["exact"].items() if entry["status"] == "error"]
-    return text + ("\n" + "\n".join(errors) if errors else "")
+        c0 = row.get("c0", 0.0)
+        status, method = row.get("best_status"), row.get("best_method")
+        if status is None:
+            status, method = _best(row)
+        body.append([
+            row["name"], str(row["groups"]), str(row["keep"]),
+            _number(row.get("heuristic_loss_relative", _relative(row["heuristic_loss"], c0))),
+            _number(row.get("best_bound_relative", _relative(row["best_bound"], c0))),
+            f"{100 * row['heuristic_gap']:.2f}", status, _short_method(method),
+            f"{row.get('seconds', row['certify_seconds']):.1f}",
+        ])
+    widths = [max([len(header[i])] + [len(line[i]) for line in body]) for i in range(len(header))]
+    others = sum(widths[1:]) + 2 * (len(header) - 1)
+    widths[0] = max(12, min(widths[0], width - others))
+    for line in body:
+        line[0] = _ellipsize(line[0], widths[0])
+
+    def render(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first] + [cell.rjust(w) for cell, w in zip(cells[1:], widths[1:], strict=True)])
+
+    heuristics = sorted({row["heuristic"] for row in rows}) or ["-"]
+    intro = (f"{UNIT_TEXT}; heuristic: {', '.join(heuristics)}; bound: best certified lower bound, from "
+             "method; gap % = (heuristic loss - bound) / heuristic loss; status: best exact backend's; "
+             "s: seconds per row")
+    lines = textwrap.wrap(intro, width)
+    lines += [render(header), render(["-" * w for w in widths])]
+    lines += [render(line) for line in body]
+    notes = []
+    for row in rows:
+        layer = f"{row['name']} keep {row['keep']}"
+        for label, entry in row["exact"].items():
+            if entry["status"] == "error":
+                notes.append(f"{layer} {label}: {entry['error']}")
+            elif entry.get("note") and entry["status"] != "time_limit":  # a time limit explains CVXPY's
+                notes.append(f"{layer} {label} ({entry['status']}): solver said: {entry['note']}")
+        if row.get("best_loss", row["heuristic_loss"]) < row["heuristic_loss"] * (1 - 1e-9):
+            notes.append(f"{layer}: an exact backend found loss {_number(row.get('best_loss_relative'))} "
+                         f"< the heuristic's {_number(row.get('heuristic_loss_relative'))} ({UNIT})")
+    for note in notes:
+        lines += textwrap.wrap(note, width, subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,11 +279,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"iterations: expected a positive integer, got {args.iterations}")
     if args.time_limit <= 0:
         raise ValueError(f"time_limit: expected a positive number, got {args.time_limit}")
+    if args.plot:
+        from osscar_opt.plots import _pyplot
+
+        try:
+            _pyplot()  # before the solves: a missing matplotlib should not cost a long run
+        except ImportError as exc:
+            raise ValueError(f"plot: {exc}") from exc
     options = {"time_limit": args.time_limit}
     options.update(parse_backend_options(args.backend_option))
     rows = certify_rows(problem_files(args.files), args.keep, args.heuristic, _backends(args.backend), options,
-                        args.shift, args.iterations, args.sparsity)
+                        args.shift, args.iterations, args.sparsity, log=lambda line: print(line, flush=True))
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    if args.plot:
+        from osscar_opt.plots import gap_plot
+
+        if rows:
+            print(f"plot: {gap_plot(rows, args.plot)}")
+        else:
+            print("plot: no rows, nothing drawn")
     return 0
