@@ -95,24 +95,6 @@ def _texts(calibration: Any) -> list[str] | None:
     return None
 
 
-def _token_ids(encoding: Mapping[str, Any]) -> torch.Tensor:
-    """``input_ids`` of a tokenizer's output; padded positions are refused (every position must be a token)."""
-    if "input_ids" not in encoding:
-        raise ValueError(f"calibration: a mapping needs 'input_ids' (a tokenizer's output), got keys {list(encoding)}")
-    try:
-        ids = torch.as_tensor(encoding["input_ids"])
-    except (ValueError, TypeError) as exc:
-        raise ValueError("calibration: input_ids of different lengths; tokenize with padding=False and equal "
-                         "lengths, or pass texts and let oneshot cut equal windows") from exc
-    mask = encoding.get("attention_mask")
-    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-        raise ValueError(
-            "calibration: the attention_mask has padded positions; calibration rows must be all real tokens "
-            "(pass the texts themselves, and oneshot cuts equal-length windows from them)"
-        )
-    return ids
-
-
 def _check_length(model: nn.Module, seq_len: int) -> None:
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -181,8 +163,6 @@ def oneshot(
 
         _check_length(model, seq_len)
         calibration = calibration_ids(tokenizer, texts, samples, seq_len)
-    elif isinstance(calibration, Mapping):
-        calibration = _token_ids(calibration)
     elif calibration is None:
         raise ValueError("calibration: required for this model (e.g. (N, C, H, W) images for a vision model)")
     report = prune(model, calibration, budget, backend=backend, **options)

@@ -10,7 +10,7 @@ model passes to its blocks, so every block can then be run on its own.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,26 @@ from torch import nn
 
 from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall, check_batch_size, model_device
 from osscar_opt.formulations.structures import Structure
+
+
+def token_ids_of(encoding: Mapping[str, Any]) -> torch.Tensor:
+    """``input_ids`` of a tokenizer's output (``BatchEncoding`` or dict); rows with padded
+    positions (zeros in ``attention_mask``) are refused: every calibration position must be a
+    real token."""
+    if "input_ids" not in encoding:
+        raise ValueError(f"calibration: a mapping needs 'input_ids' (a tokenizer's output), got keys {list(encoding)}")
+    try:
+        ids = torch.as_tensor(encoding["input_ids"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError("calibration: input_ids of different lengths; tokenize to equal lengths without "
+                         "padding, or pass the texts to osscar_opt.oneshot, which cuts equal windows") from exc
+    mask = encoding.get("attention_mask")
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise ValueError(
+            "calibration: the attention_mask has padded positions; calibration rows must be all real tokens "
+            "(pass the texts to osscar_opt.oneshot, which cuts equal-length windows from them)"
+        )
+    return ids
 
 
 class _Stop(Exception):
@@ -78,7 +98,10 @@ class TransformerAdapter(ModelAdapter):
         return structures
 
     def calibration_batches(self, calibration: Any, batch_size: int) -> list[torch.Tensor]:
-        """``(samples, seq_len)`` int64 token ids split into batches of ``batch_size`` samples."""
+        """``(samples, seq_len)`` int64 token ids (or a tokenizer's output without padding, see
+        :func:`token_ids_of`) split into batches of ``batch_size`` samples."""
+        if isinstance(calibration, Mapping):
+            calibration = token_ids_of(calibration)
         if (
             not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0
             or calibration.is_floating_point()
