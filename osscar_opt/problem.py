@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,16 @@ def _as_float64(name: str, value, ndim: int | None = None) -> torch.Tensor:
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name}: contains {bad} NaN or Inf entries")
     return tensor
+
+
+def _group_id(value) -> int:
+    """An integer group id; floats (even 2.0), strings and bools are refused, never converted."""
+    if isinstance(value, bool | str | bytes):
+        raise TypeError(f"group id {value!r} is not an integer")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"group id {value!r} is not an integer") from None
 
 
 def _is_label_vector(groups) -> bool:
@@ -406,9 +417,9 @@ class LayerProblem:
                 raise ValueError(f"{name}: expected a floating-point tensor")
             if not torch.isfinite(value).all():
                 raise ValueError(f"{name}: contains NaN or Inf entries")
-        p = H.shape[0]
-        if H.dim() != 2 or H.shape[1] != p:
+        if H.dim() != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"H: expected a square (p, p) matrix, got shape {tuple(H.shape)}")
+        p = H.shape[0]
         if G.dim() != 2 or G.shape[0] != p:
             raise ValueError(f"G: expected shape ({p}, m) to match H, got {tuple(G.shape)}")
         if not math.isfinite(self.c0):
@@ -417,23 +428,31 @@ class LayerProblem:
         asymmetry = float((H - H.T).abs().max())
         if asymmetry > 1e-8 * scale:
             raise ValueError(f"H: not symmetric (max |H - H^T| = {asymmetry:.3g}, scale {scale:.3g})")
-        _, info = torch.linalg.cholesky_ex(H.to(torch.float64))
+        factor, info = torch.linalg.cholesky_ex(H.to(torch.float64))
         if int(info) != 0:
             raise ValueError(
                 "H: not positive definite (after damping); increase damp / lam or drop dead columns"
             )
+        self._check_c0(factor)
         labels = self.group_of_column
         if labels.dim() != 1 or labels.numel() != p:
             raise ValueError(f"groups: group_of_column must have length {p}")
         if labels.numel() and int(labels.max()) < 0:
             raise ValueError("groups: no prunable group")
+        if self.has_bias_column and labels.numel() and int(labels[-1]) != -1:
+            raise ValueError("groups: the bias column (the last one) must be always kept (label -1), not in a group")
         if self.xtx_diag is not None and self.xtx_diag.shape != (p,):
             raise ValueError(f"xtx_diag: expected shape ({p},), got {tuple(self.xtx_diag.shape)}")
-        if self.weight is not None and self.weight.shape[0] != G.shape[1]:
-            raise ValueError(f"weight: expected {G.shape[1]} rows (m), got {tuple(self.weight.shape)}")
+        if self.xtx_diag is not None and not torch.isfinite(self.xtx_diag).all():
+            raise ValueError("xtx_diag: contains NaN or Inf entries")
+        p_in = p - int(self.has_bias_column)
+        if self.weight is not None and (self.weight.dim() != 2 or tuple(self.weight.shape) != (G.shape[1], p_in)):
+            raise ValueError(f"weight: expected shape ({G.shape[1]}, {p_in}) (m outputs, p inputs), "
+                             f"got {tuple(self.weight.shape)}")
+        if self.weight is not None and not torch.isfinite(self.weight).all():
+            raise ValueError("weight: contains NaN or Inf entries")
         if self.c0 < -1e-9 * max(1.0, abs(self.c0)):
             raise ValueError(f"c0: must be >= 0 (a sum of squares), got {self.c0}")
-        p_in = p - int(self.has_bias_column)
         if self.input_var is not None and self.input_var.shape != (p_in,):
             raise ValueError(f"input_var: expected shape ({p_in},), got {tuple(self.input_var.shape)}")
         if self.heldout is not None and (
@@ -442,6 +461,18 @@ class LayerProblem:
             raise ValueError(
                 f"heldout: expected moments of shapes ({p}, {p}) and {tuple(G.shape)}, got "
                 f"{tuple(self.heldout.xtx.shape)} and {tuple(self.heldout.xty.shape)}"
+            )
+
+    def _check_c0(self, factor: torch.Tensor) -> None:
+        """``c0`` must be at least ``trace(G^T H^-1 G)`` (the loss of keeping every column is a
+        squared norm); below it every loss is wrong (negative before clipping), so refuse it.
+        ``factor``: the Cholesky factor of ``H`` (float64)."""
+        solved = torch.linalg.solve_triangular(factor, self.G.to(torch.float64), upper=False)
+        explained = float(solved.square().sum())
+        if self.c0 < explained - 1e-6 * max(abs(self.c0), explained, 1e-30):
+            raise ValueError(
+                f"c0: {self.c0:.6g} is below trace(G^T H^-1 G) = {explained:.6g}, the energy the columns explain; "
+                "c0, H and G are inconsistent (c0 must be ||Y||^2 + lam ||W||^2 of the same data as H and G)"
             )
 
     # ------------------------------------------------------------------ sizes and groups
@@ -498,10 +529,12 @@ class LayerProblem:
     # ------------------------------------------------------------------ evaluation
     def check_support(self, support: Iterable[int], name: str = "support") -> tuple[int, ...]:
         """Validate a support (group ids) and return it sorted."""
+        if isinstance(support, str | bytes):
+            raise ValueError(f"{name}: expected an iterable of integer group ids, got the string {support!r}")
         try:
-            ids = sorted(int(g) for g in support)
+            ids = sorted(_group_id(g) for g in support)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name}: expected an iterable of integer group ids") from exc
+            raise ValueError(f"{name}: expected an iterable of integer group ids ({exc})") from exc
         if len(set(ids)) != len(ids):
             raise ValueError(f"{name}: lists a group twice: {ids}")
         if ids and (ids[0] < 0 or ids[-1] >= self.num_groups):
@@ -675,27 +708,34 @@ class LayerProblem:
                     tensors["heldout.xtx"], tensors["heldout.xty"], float(metadata["heldout.y_square"]),
                     float(metadata["heldout.rows"]), tensors["heldout.anchor"], int(metadata["heldout.inputs"]),
                 )
-        except ValueError:
-            raise
+        except ValueError as exc:
+            if str(exc).startswith("path:"):
+                raise
+            raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc})") from exc
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
             raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc})") from exc
         if labels.dtype != torch.int64:
             raise ValueError(f"path: {path} has group_of_column of dtype {labels.dtype}, expected int64")
-        labels_checked = group_of_column_from(labels, H.shape[0] if H.dim() == 2 else -1)
-        return cls(
-            H,
-            G,
-            c0,
-            labels_checked,
-            lam=lam,
-            xtx_diag=tensors.get("xtx_diag"),
-            weight=tensors.get("weight"),
-            has_bias_column=has_bias_column,
-            meta=meta,
-            keep=_saved_keep(path, tensors.get("keep")),
-            input_var=tensors.get("input_var"),
-            heldout=heldout,
-        )
+        try:
+            if H.dim() != 2 or H.shape[0] != H.shape[1]:
+                raise ValueError(f"H: expected a square (p, p) matrix, got shape {tuple(H.shape)}")
+            labels_checked = group_of_column_from(labels, H.shape[0])
+            return cls(
+                H,
+                G,
+                c0,
+                labels_checked,
+                lam=lam,
+                xtx_diag=tensors.get("xtx_diag"),
+                weight=tensors.get("weight"),
+                has_bias_column=has_bias_column,
+                meta=meta,
+                keep=_saved_keep(path, tensors.get("keep")),
+                input_var=tensors.get("input_var"),
+                heldout=heldout,
+            )
+        except ValueError as exc:  # an inconsistent field: name the file
+            raise ValueError(f"path: {path} holds an invalid problem: {exc}") from exc
 
     @property
     def keep(self) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,22 +16,50 @@ from osscar_opt.solution import Solution
 
 
 def check_keep(problem: LayerProblem, keep) -> int:
-    """Validate the budget: an integer in ``[0, problem.num_groups]``."""
-    if isinstance(keep, bool) or not isinstance(keep, int) and not hasattr(keep, "__index__"):
+    """Validate the budget: an integer in ``[0, problem.num_groups]`` (an int, a numpy integer or an
+    integer 0-d tensor; floats and float tensors, even 2.0, are refused, never truncated)."""
+    if isinstance(keep, bool):
         raise ValueError(f"keep: expected an integer number of groups, got {keep!r}")
-    keep = int(keep)
+    try:
+        keep = operator.index(keep)
+    except TypeError:
+        raise ValueError(f"keep: expected an integer number of groups, got {keep!r}") from None
     if keep < 0 or keep > problem.num_groups:
         raise ValueError(f"keep: must be in [0, {problem.num_groups}] (the number of groups), got {keep}")
     return keep
 
 
 def relative_gap(loss: float, lower_bound: float | None) -> float | None:
-    """``(loss - lower_bound) / loss``, clipped at 0 for round-off; 0 when loss is 0."""
+    """``(loss - lower_bound) / loss``, clipped at 0 for round-off; 0 when loss is 0 and the bound
+    is 0 too (a loss cannot be negative: problems with an inconsistent ``c0`` are refused)."""
     if lower_bound is None:
         return None
     if loss <= 0:
-        return 0.0
+        return 0.0 if lower_bound >= loss else float("inf")
     return max(0.0, (loss - lower_bound) / loss)
+
+
+BOUND_TOLERANCE = 1e-6
+"""A backend's lower bound may exceed its loss by this much (relative) for round-off; more is an error."""
+
+
+def _checked_bound(lower_bound, loss: float, c0: float, backend_name: str) -> float | None:
+    """A backend's lower bound as a float: finite and at most the loss (up to round-off, then clipped)."""
+    if lower_bound is None:
+        return None
+    try:
+        bound = float(lower_bound)
+    except (TypeError, ValueError):
+        raise ValueError(f"backend {backend_name!r} returned a lower bound that is not a number: {lower_bound!r}") \
+            from None
+    if not math.isfinite(bound):
+        raise ValueError(f"backend {backend_name!r} returned a non-finite lower bound ({bound})")
+    if bound > loss + BOUND_TOLERANCE * max(loss, c0 * 1e-9, 1e-300):
+        raise ValueError(
+            f"backend {backend_name!r} returned a lower bound {bound:.9g} above the loss {loss:.9g} of its own "
+            "solution: the bound is invalid"
+        )
+    return min(bound, loss)
 
 
 def finish(
@@ -43,14 +73,12 @@ def finish(
     if not isinstance(result, SearchResult):
         result = SearchResult(support=result)
     support = problem.check_support(result.support, name=f"support returned by backend {backend_name!r}")
-    if len(support) > keep:
+    if len(support) != keep:
         raise ValueError(
-            f"backend {backend_name!r} returned {len(support)} groups for keep={keep}"
+            f"backend {backend_name!r} returned {len(support)} groups for keep={keep} (expected exactly {keep})"
         )
     loss, weights, bias = problem.evaluate(support)
-    lower_bound = result.lower_bound
-    if lower_bound is not None:
-        lower_bound = float(lower_bound)
+    lower_bound = _checked_bound(result.lower_bound, loss, problem.c0, backend_name)
     return Solution(
         support=support,
         loss=loss,

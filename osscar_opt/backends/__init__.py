@@ -29,12 +29,18 @@ _REGISTERED: dict[str, type[Backend]] = {}
 _entry_points_loaded = False
 
 
-def register(name: str, cls: type[Backend]) -> None:
-    """Register backend class ``cls`` under ``name`` (replaces an earlier registration)."""
+def register(name: str, cls: type[Backend], *, replace: bool = False) -> None:
+    """Register backend class ``cls`` under ``name`` (replacing an earlier registration of a plug-in).
+
+    A built-in name (``greedy``, ``gurobi``...) is refused unless ``replace=True``: a plug-in must
+    not change what a built-in name means without saying so.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty string, got {name!r}")
     if not (isinstance(cls, type) and callable(getattr(cls, "solve", None))):
         raise ValueError(f"cls: expected a class with a solve(problem, keep, **options) method, got {cls!r}")
+    if name in _BUILTIN and not replace:
+        raise ValueError(f"name: {name!r} is a built-in backend; choose another name or pass replace=True")
     _REGISTERED[name] = cls
 
 
