@@ -85,6 +85,11 @@ class PruneReport:
         return {"settings": self.settings, "seconds": self.seconds, "layers": [asdict(r) for r in self.layers]}
 
 
+INCOMPLETE = "incomplete"
+"""``model.osscar_state`` after :func:`prune` failed part-way: some stages are cut in place, the
+rest are not; :func:`osscar_opt.save_pruned` refuses such a model (reload the dense one and prune
+again)."""
+
 TARGETS = ("pruned-input", "dense-output")
 OBJECTIVES = ("energy", "token")
 DEFAULT_OBJECTIVE = "energy"
@@ -551,6 +556,10 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place, stage by stage, and return the per-layer report.
 
+    If a stage fails after earlier stages were cut, the exception propagates and the model is left
+    part-pruned with ``model.osscar_state == "incomplete"`` (:data:`INCOMPLETE`), which
+    :func:`osscar_opt.save_pruned` refuses; every check of the arguments runs before any cut.
+
     Args:
         model: a supported model (see :func:`osscar_opt.adapters.registry.adapter_for`): a
             transformers BERT / OPT / GPT-2 / LLaMA-family model or a torchvision ResNet /
@@ -649,7 +658,13 @@ def prune(
             if allocator is not None and budget.reallocate and index > 0:
                 allocator.reallocate(index, stages[index], pruned_in)
             pruner = _StagePruner(adapter, index, stages[index], budget, options)
-            records, dense_in, pruned_in = pruner.run(dense_in, pruned_in, calls)
+            try:
+                records, dense_in, pruned_in = pruner.run(dense_in, pruned_in, calls)
+            except BaseException:
+                # stages (or this stage's first structures) may already be cut in place: mark the
+                # model so that save_pruned refuses it
+                model.osscar_state = INCOMPLETE
+                raise
             report.layers.extend(records)
         if allocator is not None:
             report.settings["allocation"] = allocator.summary(achieved=True)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -157,7 +158,19 @@ def read_text_file(path: str | os.PathLike, name: str) -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"{name}: {path} is empty (need some text)")
+    undecodable = text.count("\ufffd") + sum(1 for c in text if c < " " and c not in "\n\r\t\f")
+    if undecodable > NOT_TEXT_SHARE * len(text):
+        raise ValueError(
+            f"{name}: {path} does not look like text ({undecodable} of {len(text)} characters are not UTF-8 or "
+            "are control characters); give a UTF-8 text file"
+        )
     return text
+
+
+NOT_TEXT_SHARE = 0.1
+"""A file with more than this share of undecodable or control characters is refused as not text."""
+UNKNOWN_TOKEN_SHARE = 0.25
+"""Calibration whose tokens are more than this share the tokenizer's unknown token gets a warning."""
 
 
 def _hf_dataset_text(spec: str, part: str, name: str) -> str:
@@ -220,6 +233,14 @@ def calibration_ids(
         raise ValueError(f"seq_len: an encoder needs at least 3 tokens ([CLS] x [SEP]), got {seq_len}")
     width = seq_len - 2 if wrap else seq_len
     stream = token_stream(tokenizer, texts)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is not None and stream.numel() and float((stream == unknown).float().mean()) > UNKNOWN_TOKEN_SHARE:
+        share = float((stream == unknown).float().mean())
+        warnings.warn(
+            f"calib_text: {share:.0%} of the calibration tokens are the tokenizer's unknown token; the text may be "
+            "in another script or not text at all, and the pruned model will be fit to it",
+            UserWarning, stacklevel=2,
+        )
     if stream.numel() < width:
         raise ValueError(f"calib_text: only {stream.numel()} tokens, fewer than seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
