@@ -144,3 +144,19 @@ def test_registering_a_built_in_name_needs_replace(problem):
     finally:
         backends._REGISTERED.pop("greedy", None)
     assert backends.get("greedy").__name__ == "GreedyBackend"
+
+
+@pytest.mark.parametrize("damp", [1e-12, 1e-10, 1e-8])
+def test_local_search_is_not_misled_by_near_singular_problems(damp):
+    # 24 columns repeating 6 distinct ones: keeping one copy of each explains everything (relative
+    # loss ~ the ridge); low-rank updates that add a duplicate divide round-off by round-off
+    worst = 0.0
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        base = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+        W = torch.randn(5, 24, generator=generator, dtype=torch.float64)
+        problem = LayerProblem.from_activations(base.repeat(1, 4), W, [[i] for i in range(24)], damp=damp)
+        solution = solve(problem, 6, backend="local-search")
+        assert sorted(g % 6 for g in solution.support) == list(range(6)), (seed, solution.support)
+        worst = max(worst, solution.loss / problem.c0)
+    assert worst < 1e3 * damp

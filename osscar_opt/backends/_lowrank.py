@@ -101,6 +101,7 @@ class KeptSet:
         self.kept_group[list(kept_groups)] = True
         self.tracking_outside = False
         self.updates_since_refresh = 0
+        self.last_add_pivot = 1.0
         self.refresh()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -229,6 +230,9 @@ class KeptSet:
         H_a = self.H[:, a]
         S = H_a[a] - Pa @ H_a
         S = 0.5 * (S + S.T)
+        # Relative pivot: how independent the added columns are of the kept ones. Near 0 the
+        # rank-d update divides round-off by round-off (callers verify such moves, _search.py).
+        self.last_add_pivot = float(torch.linalg.eigvalsh(S).min()) / max(float(H_a[a].diagonal().max()), 1e-300)
         Sinv = _spd_inverse(S)
         Ea = self.E[a].clone()
         xa = Sinv @ Ea
