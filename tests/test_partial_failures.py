@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from osscar_opt import backends
+from osscar_opt import backends, save_pruned
 from osscar_opt.backends.base import Backend
 from osscar_opt.data import text
 from osscar_opt.pipeline import INCOMPLETE, prune
@@ -26,7 +26,7 @@ class FailsOnSecondLayer(Backend):
         return tuple(range(keep))
 
 
-def test_a_prune_that_fails_part_way_marks_the_model_incomplete():
+def test_a_prune_that_fails_part_way_marks_the_model_incomplete_and_save_refuses_it(tmp_path):
     backends.register("fails-on-second-layer", FailsOnSecondLayer)
     FailsOnSecondLayer.calls = 0
     model = tiny_model("bert")
@@ -38,6 +38,9 @@ def test_a_prune_that_fails_part_way_marks_the_model_incomplete():
         backends._REGISTERED.pop("fails-on-second-layer", None)
     assert model.osscar_state == INCOMPLETE
     assert model.encoder.layer[0].attention.self.num_attention_heads == 2  # the first cut happened
+    with pytest.raises(ValueError, match="pruning failed part-way"):
+        save_pruned(model, tmp_path / "half")
+    assert not (tmp_path / "half").exists()
 
 
 def test_a_prune_refused_before_any_cut_leaves_no_mark():

@@ -193,14 +193,31 @@ class TransformerAdapter(ModelAdapter):
         return True
 
     def restore_dims(self, dims: list[dict[str, Any]]) -> None:
-        """Shrink a freshly built dense model to saved per-block ``dims`` (values are reloaded after)."""
+        """Shrink a freshly built dense model to saved per-block ``dims`` (values are reloaded after).
+
+        Every entry is checked before anything is resized: one ``{"attention_groups": a,
+        "mlp_neurons": n}`` per block, each an integer from 1 to the model's current (dense) width;
+        anything else is a ValueError (nothing is allocated for a width the dense model lacks)."""
         from osscar_opt.formulations.surgery import resize_empty
 
         blocks = self.blocks()
-        if len(dims) != len(blocks):
-            raise ValueError(f"dims: {len(dims)} blocks saved, model has {len(blocks)}")
+        if not isinstance(dims, list) or len(dims) != len(blocks):
+            saved = f"{len(dims)} blocks" if isinstance(dims, list) else f"a {type(dims).__name__}"
+            raise ValueError(f"dims: {saved} saved, model has {len(blocks)} blocks")
+        keys = ("attention_groups", "mlp_neurons")
+        for index, (block, entry) in enumerate(zip(blocks, dims, strict=True)):
+            if not isinstance(entry, Mapping) or set(entry) != set(keys):
+                raise ValueError(f"dims: block {index} must be {{'attention_groups': int, 'mlp_neurons': int}}, "
+                                 f"got {entry!r}")
+            dense = {"attention_groups": self.attention(block, "").num_groups,
+                     "mlp_neurons": self.mlp(block, "").num_groups}
+            for key in keys:
+                value = entry[key]
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[key]:
+                    raise ValueError(f"dims: block {index} {key} = {value!r}; expected an integer from 1 to "
+                                     f"{dense[key]} (the dense model's width)")
         for block, entry in zip(blocks, dims, strict=True):
             structures = {"attention_groups": self.attention(block, ""), "mlp_neurons": self.mlp(block, "")}
             for key, structure in structures.items():
-                if int(entry[key]) != structure.num_groups:
-                    resize_empty(structure, int(entry[key]))
+                if entry[key] != structure.num_groups:
+                    resize_empty(structure, entry[key])

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from osscar_opt.io.folder import META_FILE, WEIGHTS_FILE, read_state_dict, write_folder
+from osscar_opt.io.folder import META_FILE, WEIGHTS_FILE, check_aliases_tied, read_state_dict, write_folder
 from osscar_opt.io.folder import read_meta as _read_meta
 
 FAMILIES = {
@@ -69,8 +69,14 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
 
     ``tokenizer`` (anything with ``save_pretrained``) is written into the same folder; ``report``
     (the :class:`~osscar_opt.pipeline.PruneReport` of the run, or its dict) adds the kept group
-    ids of every pruned layer to ``osscar_pruned.json`` (``"kept"``).
+    ids of every pruned layer to ``osscar_pruned.json`` (``"kept"``). A model whose pruning failed
+    part-way (``model.osscar_state == "incomplete"``) is refused.
     """
+    if getattr(model, "osscar_state", None) == "incomplete":
+        raise ValueError(
+            "model: its pruning failed part-way (model.osscar_state == 'incomplete'): some blocks are cut and "
+            "others are not; reload the dense model and prune again"
+        )
     family, module = _family_for(model)
     meta, state = module.export(model)
     if report is not None:
@@ -85,9 +91,23 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
 
 
 def load_pruned(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned` with stock classes and its saved dimensions."""
+    """Rebuild a model saved by :func:`save_pruned` with stock classes and its saved dimensions.
+
+    Nothing in the folder is trusted: dimensions above the dense model's, weights that do not fit,
+    non-finite values and tied-weight aliases the rebuilt model does not tie are ValueErrors naming
+    ``directory`` and the file.
+    """
     meta = read_meta(directory)
     module = _family_module(meta["family"])
     if module is None:
         raise ValueError(f"directory: family {meta['family']!r} is not available in this installation")
-    return module.rebuild(meta, read_state_dict(directory, meta), Path(directory))
+    state = read_state_dict(directory, meta)
+    try:
+        model = module.rebuild(meta, state, Path(directory))
+    except ValueError as exc:
+        if str(exc).startswith("directory:"):
+            raise
+        raise ValueError(f"directory: {Path(directory) / META_FILE} does not describe a model that can be "
+                         f"rebuilt: {exc}") from exc
+    check_aliases_tied(model, directory, meta)
+    return model

@@ -139,22 +139,54 @@ def read_config(directory: Path):
     return transformers.CONFIG_MAPPING[model_type].from_dict(document)
 
 
-def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
-    """The saved model as its original transformers class, in eval mode."""
-    import transformers
+def _dtype(meta: dict[str, Any], meta_path: Path) -> torch.dtype:
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"directory: {meta_path} names an unknown dtype {meta.get('dtype')!r}")
+    return dtype
 
-    cls = getattr(transformers, str(meta.get("class")), None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ValueError(f"directory: {directory} names an unknown transformers class {meta.get('class')!r}")
-    config = read_config(directory)
-    dtype = getattr(torch, str(meta.get("dtype", "float32")))
-    model = cls(config).to(dtype)
-    adapter_for(model).restore_dims(meta["blocks"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Load ``state`` strictly; missing / unexpected keys and shape mismatches (e.g. an alias whose
+    source has another shape than the parameter) are ValueErrors naming the files."""
+    from osscar_opt.io.folder import META_FILE, WEIGHTS_FILE
+
+    where = f"{directory / WEIGHTS_FILE} (with the aliases of {directory / META_FILE})"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(f"directory: weights in {where} do not fit the model: {exc}") from exc
     if missing or unexpected:
         raise ValueError(
-            f"directory: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"directory: weights in {where} do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+
+
+def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
+    """The saved model as its original transformers class, in eval mode.
+
+    The saved per-block dimensions are checked against the dense model the config builds before any
+    block is resized (:meth:`~osscar_opt.adapters.transformer.TransformerAdapter.restore_dims`)."""
+    import transformers
+
+    from osscar_opt.io.folder import META_FILE
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    cls = getattr(transformers, str(meta.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"directory: {meta_path} names an unknown transformers class {meta.get('class')!r}")
+    dtype = _dtype(meta, meta_path)
+    if not isinstance(meta.get("blocks"), list):
+        raise ValueError(f"directory: {meta_path} has no per-block dimensions ('blocks': a list)")
+    config = read_config(directory)
+    model = cls(config).to(dtype)
+    try:
+        adapter_for(model).restore_dims(meta["blocks"])
+    except ValueError as exc:
+        raise ValueError(f"directory: {meta_path} 'blocks' do not fit the model of {directory / 'config.json'}: "
+                         f"{exc}") from exc
+    _load_weights(model, state, directory)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
