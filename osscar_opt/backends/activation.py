@@ -17,7 +17,8 @@ class ActivationBackend(Backend):
     """Weight norm times input norm per group, then an exact re-fit."""
 
     name = "activation"
+    options = ()
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
-        check_options(self.name, options, ())
+        check_options(self.name, options, self.options)
         return SearchResult(top_groups(weighted_group_scores(problem, input_energy(problem)), keep))

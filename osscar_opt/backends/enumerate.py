@@ -19,10 +19,11 @@ class EnumerateBackend(Backend):
     """Brute force over all ``C(num_groups, keep)`` supports; status "optimal"."""
 
     name = "enumerate"
+    options = ("max_subsets",)
     exact = True
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
-        check_options(self.name, options, ("max_subsets",))
+        check_options(self.name, options, self.options)
         max_subsets = options.get("max_subsets", 200_000)
         if isinstance(max_subsets, bool) or not isinstance(max_subsets, int) or max_subsets < 1:
             raise ValueError(f"max_subsets: expected a positive integer, got {max_subsets!r}")

@@ -31,9 +31,10 @@ class FluctuationBackend(Backend):
     """Input variance times squared weight-column norm per group (FLAP), then an exact re-fit."""
 
     name = "fluctuation"
+    options = ()
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
-        check_options(self.name, options, ())
+        check_options(self.name, options, self.options)
         if problem.input_var is not None:
             spread, source = problem.input_var, "input_var"
         else:

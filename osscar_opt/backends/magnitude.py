@@ -19,9 +19,10 @@ class MagnitudeBackend(Backend):
     """Group-norm magnitude baseline followed by an exact re-fit."""
 
     name = "magnitude"
+    options = ()
 
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult:
-        check_options(self.name, options, ())
+        check_options(self.name, options, self.options)
         weight = problem.reference_weight().to(torch.float64)
         column_energy = weight.square().sum(0)
         return SearchResult(top_groups(group_sums(problem, column_energy), keep))

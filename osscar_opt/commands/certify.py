@@ -27,7 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from osscar_opt.commands.options import parse_backend_options, problem_files, saved_budgets
+from osscar_opt.commands.options import (
+    PartialFailure,
+    check_backend,
+    check_output_path,
+    error_row,
+    error_text,
+    parse_backend_options,
+    problem_files,
+    saved_budgets,
+)
 
 WIDTH = 100  # the table and the lines under it fit this many columns
 TINY_SHARE = 0.02  # a keep below this share of a layer's groups gets a note
@@ -153,29 +162,47 @@ def _best(row: dict[str, Any]) -> tuple[str, str]:
 
 def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exact: list[tuple[str, str]],
                  options: dict[str, Any], shift: str, iterations: int,
-                 sparsity: float | None = None, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                 sparsity: float | None = None, log: Callable[[str], None] | None = None,
+                 keep_going: bool = False, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per (file, keep): the heuristic, the certified bound, and each exact backend's result.
 
     Every row keeps the raw losses (``heuristic_loss``, ``bound``, ``best_bound``, each backend's
     ``loss`` / ``lower_bound``) and adds them relative to ``c0`` (``*_relative``, unit ``loss / c0``).
     ``log`` receives the skip and note lines (printed before solving by the command).
+
+    An exact backend that fails gets its error in the row (ValueError and ImportError, or any
+    error with ``keep_going``). ``keep_going``: a file that cannot be read, or a (file, keep) whose
+    heuristic or bound fails, gets a row ``{file, name, keep, status: "error", error}`` and the
+    run goes on (else the error stops it). ``rows``: a list to append the rows to as they come.
     """
     from osscar_opt.certify import certify
     from osscar_opt.problem import LayerProblem
     from osscar_opt.solving import solve
 
     log = log or (lambda line: None)
-    rows = []
+    rows = [] if rows is None else rows
     for path in files:
-        problem = LayerProblem.load(path)
+        try:
+            problem = LayerProblem.load(path)
+        except Exception as exc:
+            if not keep_going:
+                raise
+            rows.append(error_row(path, path.stem, None, exc, groups=None, heuristic=heuristic))
+            continue
         name = problem.meta.get("name", path.stem)
         c0 = problem.c0
         budgets, notes = usable_budgets(name, problem.num_groups, saved_budgets(problem, keeps, sparsity), log)
         for keep in budgets:
             begin = time.perf_counter()
-            found = solve(problem, keep, heuristic)
-            certificate = certify(problem, found, shift=shift, iterations=iterations,
-                                  time_limit=options.get("time_limit"))
+            try:
+                found = solve(problem, keep, heuristic)
+                certificate = certify(problem, found, shift=shift, iterations=iterations,
+                                      time_limit=options.get("time_limit"))
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                rows.append(error_row(path, name, keep, exc, groups=problem.num_groups, heuristic=heuristic))
+                continue
             row: dict[str, Any] = {
                 "file": path.name, "name": name, "groups": problem.num_groups,
                 "keep": keep, "heuristic": heuristic, "heuristic_loss": found.loss,
@@ -192,8 +219,10 @@ def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exa
                 try:
                     solution = solve(problem, keep, name_, formulation=formulation,
                                      warm_start=list(found.support), **options)
-                except (ValueError, ImportError) as exc:
-                    row["exact"][label] = {"status": "error", "error": str(exc),
+                except Exception as exc:
+                    if not (keep_going or isinstance(exc, ValueError | ImportError)):
+                        raise
+                    row["exact"][label] = {"status": "error", "error": error_text(exc),
                                            "seconds": time.perf_counter() - tick}
                     continue
                 entry = {"loss": solution.loss, "lower_bound": solution.lower_bound,
@@ -276,11 +305,29 @@ def format_rows(rows: list[dict[str, Any]], width: int = WIDTH) -> str:
     return "\n".join(lines)
 
 
+def _failed(row: dict[str, Any]) -> bool:
+    return row.get("status") == "error"
+
+
+def _report(rows: list[dict[str, Any]], json_path: str | None) -> None:
+    """The table of the rows that were computed, one line per failed row, and the --json file (every row)."""
+    print(format_rows([row for row in rows if not _failed(row)]))
+    for row in rows:
+        if _failed(row):
+            where = row["file"] if row["keep"] is None else f"{row['file']} keep {row['keep']}"
+            print(textwrap.fill(f"error {where}: {row['error']}", WIDTH, subsequent_indent="    "))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise ValueError(f"iterations: expected a positive integer, got {args.iterations}")
     if args.time_limit <= 0:
         raise ValueError(f"time_limit: expected a positive number, got {args.time_limit}")
+    check_output_path(args.json, "--json")
+    check_output_path(args.plot, "--plot")
     if args.plot:
         from osscar_opt.plots import _pyplot
 
@@ -288,18 +335,42 @@ def run(args: argparse.Namespace) -> int:
             _pyplot()  # before the solves: a missing matplotlib should not cost a long run
         except ImportError as exc:
             raise ValueError(f"plot: {exc}") from exc
+    given = parse_backend_options(args.backend_option)
+    exact = _backends(args.backend)
+    check_backend(args.heuristic, flag="--heuristic")
+    for name, formulation in exact:  # the defaults (gurobi, cvxpy) may be missing: those rows say so
+        try:
+            check_backend(name, given, installed=args.backend is not None, formulation=formulation)
+        except ValueError as exc:
+            if args.backend is None and str(exc).startswith("options:"):
+                raise ValueError(f"{exc} (--backend-option goes to every exact backend: the defaults are gurobi "
+                                 "and cvxpy; name the ones you want with --backend)") from None
+            raise
     options = {"time_limit": args.time_limit}
-    options.update(parse_backend_options(args.backend_option))
-    rows = certify_rows(problem_files(args.files), args.keep, args.heuristic, _backends(args.backend), options,
-                        args.shift, args.iterations, args.sparsity, log=lambda line: print(line, flush=True))
-    print(format_rows(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    options.update(given)
+    files = problem_files(args.files)
+    rows: list[dict[str, Any]] = []
+    try:
+        certify_rows(files, args.keep, args.heuristic, exact, options, args.shift, args.iterations, args.sparsity,
+                     log=lambda line: print(line, flush=True), keep_going=not getattr(args, "debug", False),
+                     rows=rows)
+    except BaseException:  # stopped (Ctrl-C, no budget): the rows done so far are printed and written
+        if rows:
+            _report(rows, args.json)
+            args.interrupt_note = f"the {len(rows)} rows done are printed above" + (
+                f" and written to {args.json}" if args.json else "")
+        raise
+    _report(rows, args.json)
+    good = [row for row in rows if not _failed(row)]
     if args.plot:
         from osscar_opt.plots import gap_plot
 
-        if rows:
-            print(f"plot: {gap_plot(rows, args.plot)}")
+        if good:
+            print(f"plot: {gap_plot(good, args.plot)}")
         else:
             print("plot: no rows, nothing drawn")
+    failed = sorted({row["file"] for row in rows if _failed(row)})
+    if failed:
+        raise PartialFailure(f"{len(rows) - len(good)} of {len(rows)} rows failed ({', '.join(failed)}); "
+                             "see the error lines above")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` for the forward passes."""
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_value, default=None,
+                        help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="forward dtype: float32, bfloat16, float16, float64")
 
 
@@ -117,3 +120,155 @@ def problem_files(items: Sequence[str]) -> list[Path]:
         else:
             raise ValueError(f"files: no such file or folder: {item}")
     return files
+
+
+# --- checks made before any work (model loading, solving) -------------------------------------------------------
+
+
+class PartialFailure(Exception):
+    """A batch command (``solve``, ``certify``) finished, but some of its items failed.
+
+    Every row was printed (the failed ones with ``status: "error"``); the message counts the
+    failures. ``osscar`` exits with code 5 on it.
+    """
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for ``exc``: its message (whitespace collapsed), with the class name unless it is a
+    ValueError, OSError or ImportError (whose messages say what they are)."""
+    message = " ".join(str(exc).split())
+    if isinstance(exc, ValueError | OSError | ImportError) and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def error_row(path: Path, name: str, keep: int | None, exc: BaseException, **fields: Any) -> dict[str, Any]:
+    """The row of a batch item that failed: file, name, keep, ``status: "error"`` and the message."""
+    return {"file": path.name, "name": name, **fields, "keep": keep, "status": "error", "error": error_text(exc)}
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_output_path(value: str | Path | None, flag: str, kind: str = "file", replace: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any work, with a ValueError naming ``flag``.
+
+    ``kind`` is "file" (the path must not be a folder) or "folder" (it must not be a file). A path
+    that does not exist yet needs its nearest existing parent to be a writable folder (missing
+    folders are created when the output is written); an existing one must be writable itself.
+    ``replace``: the output is written beside the path and moved over it (``prune --output``), so
+    its parent must be writable too.
+    """
+    if value is None:
+        return
+    path = Path(value)
+    if not str(value).strip():
+        raise ValueError(f"{flag}: expected a path, got an empty string")
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise ValueError(f"{flag}: {path} is a folder; expected a file path")
+        if kind == "folder" and not path.is_dir():
+            raise ValueError(f"{flag}: {path} exists and is not a folder")
+        mode = os.W_OK | os.X_OK if kind == "folder" else os.W_OK
+        if not os.access(path, mode):
+            raise ValueError(f"{flag}: {path} is not writable")
+        if not replace:
+            return
+    parent = _nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write {path}: folder {parent} is not writable")
+
+
+def device_value(text: str) -> str:
+    """``--device``: a torch device this machine has (argparse type; a missing GPU fails before any work)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use --device cpu")
+    return text
+
+
+INTEGER_OPTIONS = ("stages", "max_swaps", "swap_size", "swap_candidates", "refresh_every", "restarts",
+                   "restart_patience", "threads", "relaxation_iterations", "max_iterations", "max_subsets",
+                   "max_variables")
+
+
+def accepted_options(name: str, cls: type) -> tuple[str, ...] | None:
+    """The option names backend ``cls`` accepts, or None when it does not say (its solve checks them)."""
+    from osscar_opt.backends.base import Backend
+
+    if any("options" in vars(klass) for klass in cls.__mro__ if klass not in (Backend, object)):
+        return tuple(cls.options)
+    return None
+
+
+def _check_option_values(options: dict[str, Any]) -> None:
+    """Types of the options the built-in backends share (their ranges are checked by the backends)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key, value in options.items():
+        where = f"--backend-option {key}"
+        if key == "time_limit" and value is not None and not (number(value) and value > 0):
+            raise ValueError(f"{where}: expected a positive number of seconds, got {value!r}")
+        if key in ("rel_gap", "mip_gap") and not (number(value) and 0 <= value < 1):
+            raise ValueError(f"{where}: expected a number in [0, 1), got {value!r}")
+        if key == "seed" and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and -(2 ** 63) <= value < 2 ** 64):
+            raise ValueError(f"{where}: expected an integer in [-2**63, 2**64), got {value!r}")
+        if key in INTEGER_OPTIONS and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if key == "formulation":
+            from osscar_opt.backends._exact import check_formulation
+
+            check_formulation(value)
+
+
+def check_backend(name: str, options: dict[str, Any] | None = None, flag: str = "--backend",
+                  installed: bool = True, formulation: str | None = None) -> type:
+    """The backend class registered as ``name``, with ``options`` checked against the names it accepts
+    and the shared option types, all before any work; ``installed``: its packages must be there."""
+    from osscar_opt import backends
+    from osscar_opt.backends.base import check_options
+
+    try:
+        cls = backends.get(name)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {str(exc).removeprefix('backend: ')}") from None
+    options = options or {}
+    allowed = accepted_options(name, cls)
+    if allowed is not None:  # a plugin that does not declare its options checks them when it solves
+        check_options(name, options, allowed)
+        _check_option_values(options)
+    if formulation is not None and (allowed is None or "formulation" in allowed):
+        from osscar_opt.backends._exact import check_formulation
+
+        try:
+            check_formulation(formulation)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {name}:{formulation}: {exc}") from None
+    if installed and not cls.is_installed():
+        import importlib.util
+
+        from osscar_opt._extras import install_hint
+
+        missing = [module for module in cls.requires if importlib.util.find_spec(module) is None]
+        hint = install_hint(missing[0], cls.extra) if cls.extra else f"pip install {missing[0]}"
+        raise ValueError(f"{flag}: {name!r} needs {missing}, which are not installed: {hint}")
+    return cls

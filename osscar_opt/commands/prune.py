@@ -12,6 +12,8 @@ from osscar_opt.commands.options import (
     add_backend_arguments,
     add_calibration_arguments,
     add_runtime_arguments,
+    check_backend,
+    check_output_path,
     parse_backend_options,
     positive_int,
 )
@@ -75,15 +77,25 @@ def _check_common(args: argparse.Namespace) -> None:
     for name in ("samples", "seq_len", "batch_size", "image_size", "epochs"):
         if getattr(args, name, None) is not None:
             positive_int(getattr(args, name), name)
-    from osscar_opt import backends
-
-    backends.get(args.backend)  # an unknown backend fails before any model is loaded
+    # an unknown backend, option name or option value fails before any model is loaded
+    check_backend(args.backend, parse_backend_options(args.backend_option))
+    if args.plot and args.report is None:
+        raise ValueError("--plot: the PNGs are written beside the report; give --report PATH too")
+    # every output path is checked before any work: a folder where a file goes, a file where a folder
+    # goes, or a folder that cannot be written
+    check_output_path(args.output, "--output", kind="folder", replace=True)
     if args.output is not None:
         from osscar_opt.io.folder import check_destination
 
         check_destination(Path(args.output))  # a folder that is not a saved model is refused before pruning
-    if args.plot and args.report is None:
-        raise ValueError("--plot: the PNGs are written beside the report; give --report PATH too")
+    check_output_path(args.save_problems, "--save-problems", kind="folder")
+    check_output_path(args.report, "--report")
+    if args.report is not None:  # the PNGs drawn beside the report: the kept-share heat map (--plot or a target)
+        targeted = any(getattr(args, f"target_{metric}", None) is not None for metric in ("macs", "params", "speedup"))
+        if args.plot or targeted:
+            check_output_path(Path(args.report).with_suffix(".keep.png"), "--report (its .keep.png)")
+        if args.plot:
+            check_output_path(Path(args.report).with_suffix(".layers.png"), "--plot (the report's .layers.png)")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,10 +399,18 @@ def describe_allocation(allocation: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from osscar_opt.adapters.registry import vision_architectures
 
+    if args.save_problems is not None:  # what a Ctrl-C leaves on disk
+        args.interrupt_note = f"the layer problems written so far are in {args.save_problems}; nothing else was saved"
     if args.model is not None and args.model in vision_architectures():
         document = prune_torchvision(args)
     else:
         document = prune_transformer(args)
+    saved = [f"the pruned model is in {args.output}"] if args.output else []
+    if args.save_problems is not None:
+        saved.append(f"the layer problems are in {args.save_problems}")
+    if args.report:
+        saved.append(f"{args.report} may be missing or incomplete")
+    args.interrupt_note = "; ".join(saved) or "nothing was saved"
     allocation = document.get("settings", {}).get("allocation")
     if allocation is not None:
         print(describe_allocation(allocation))
