@@ -90,6 +90,9 @@ INCOMPLETE = "incomplete"
 rest are not; :func:`osscar_opt.save_pruned` refuses such a model (reload the dense one and prune
 again)."""
 
+INCOMPLETE_MARKER = "INCOMPLETE"
+"""File in a ``save_problems`` folder while the prune writing it runs; left behind when it was interrupted."""
+
 TARGETS = ("pruned-input", "dense-output")
 OBJECTIVES = ("energy", "token")
 DEFAULT_OBJECTIVE = "energy"
@@ -627,6 +630,10 @@ def prune(
     )
     if options.save_problems is not None:
         options.save_problems.mkdir(parents=True, exist_ok=True)
+        (options.save_problems / INCOMPLETE_MARKER).write_text(
+            "osscar_opt is writing layer problems here; this file is removed when the prune finishes. If it is "
+            "still here, the prune was interrupted and the folder holds the problems of the first stages only.\n"
+        )
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -669,6 +676,8 @@ def prune(
         if allocator is not None:
             report.settings["allocation"] = allocator.summary(achieved=True)
         report.settings["config_describes_pruned_model"] = adapter.sync_config()
+        if options.save_problems is not None:
+            (options.save_problems / INCOMPLETE_MARKER).unlink(missing_ok=True)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start

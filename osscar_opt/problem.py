@@ -58,8 +58,22 @@ def _group_id(value) -> int:
         raise TypeError(f"group id {value!r} is not an integer") from None
 
 
+def _column_indices(columns, group_id: int) -> torch.Tensor:
+    """One group's column indices as a tensor; strings, nested lists and floats are refused by name."""
+    if isinstance(columns, torch.Tensor):
+        return columns
+    if isinstance(columns, str | bytes) or not hasattr(columns, "__iter__"):
+        raise ValueError(f"groups: group {group_id} must be a list of column indices, got {columns!r}")
+    try:
+        return torch.as_tensor([_group_id(column) for column in columns], dtype=torch.int64)
+    except TypeError as exc:
+        raise ValueError(f"groups: group {group_id} must be a flat list of integer column indices ({exc})") from None
+
+
 def _is_label_vector(groups) -> bool:
     """True when ``groups`` is a flat integer array (group_of_column), not a list of groups."""
+    if isinstance(groups, str | bytes):
+        return False
     if isinstance(groups, torch.Tensor) or hasattr(groups, "__array__"):
         return torch.as_tensor(groups).dim() == 1
     return len(groups) > 0 and not hasattr(groups[0], "__len__") and not isinstance(groups[0], torch.Tensor)
@@ -92,10 +106,10 @@ def group_of_column_from(groups: GroupsLike, num_columns: int) -> torch.Tensor:
             raise ValueError(f"groups: group ids must be contiguous 0..{count - 1}; empty groups {missing}")
         return labels
     labels = torch.full((num_columns,), -1, dtype=torch.int64)
-    if len(groups) == 0:
-        raise ValueError("groups: no prunable group given")
+    if isinstance(groups, str | bytes) or len(groups) == 0:
+        raise ValueError(f"groups: expected a list of column-index lists or a group_of_column vector, got {groups!r}")
     for group_id, columns in enumerate(groups):
-        index = torch.as_tensor(list(columns) if not isinstance(columns, torch.Tensor) else columns)
+        index = _column_indices(columns, group_id)
         if index.numel() == 0:
             raise ValueError(f"groups: group {group_id} is empty")
         if index.is_floating_point():
@@ -343,8 +357,8 @@ class LayerProblem:
         given). With ``refit_bias`` a constant-1 column (in no group) is appended; its optimal
         weight is the new bias, anchored by the ridge at ``bias``.
         """
-        if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0 or damp != damp:
-            raise ValueError(f"damp: expected a positive number, got {damp!r}")
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 < damp < math.inf:
+            raise ValueError(f"damp: expected a positive finite number, got {damp!r}")
         W = _as_float64("W", W, ndim=2).to(xtx.device)
         m, p = W.shape
         if p != xtx.shape[0]:

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 
-from osscar_opt import backends, save_pruned
+from osscar_opt import backends, cli, save_pruned
 from osscar_opt.backends.base import Backend
 from osscar_opt.data import text
-from osscar_opt.pipeline import INCOMPLETE, prune
+from osscar_opt.pipeline import INCOMPLETE, INCOMPLETE_MARKER, prune
 from tests.tiny_transformers import tiny_model, token_ids
 
 
@@ -26,16 +26,19 @@ class FailsOnSecondLayer(Backend):
         return tuple(range(keep))
 
 
-def test_a_prune_that_fails_part_way_marks_the_model_incomplete_and_save_refuses_it(tmp_path):
+def test_a_prune_that_fails_part_way_marks_the_model_incomplete_and_save_refuses_it(tmp_path, capsys):
     backends.register("fails-on-second-layer", FailsOnSecondLayer)
     FailsOnSecondLayer.calls = 0
     model = tiny_model("bert")
     try:
         with pytest.raises(RuntimeError, match="solver crashed"):
             prune(model, token_ids(8), {"heads": 0.5, "neurons": 0.5}, backend="fails-on-second-layer",
-                  damp=0.01, progress=False)
+                  damp=0.01, progress=False, save_problems=tmp_path / "problems")
     finally:
         backends._REGISTERED.pop("fails-on-second-layer", None)
+    assert (tmp_path / "problems" / INCOMPLETE_MARKER).is_file()  # the problems folder says so too
+    assert cli.main(["solve", str(tmp_path / "problems"), "--backend", "greedy"]) == 0
+    assert "is marked INCOMPLETE" in capsys.readouterr().err
     assert model.osscar_state == INCOMPLETE
     assert model.encoder.layer[0].attention.self.num_attention_heads == 2  # the first cut happened
     with pytest.raises(ValueError, match="pruning failed part-way"):
@@ -69,3 +72,10 @@ def test_calibration_of_mostly_unknown_tokens_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ordinary English text: no warning
         text.calibration_ids(tokenizer, text.load_texts(), samples=2, seq_len=16)
+
+
+def test_a_finished_prune_leaves_no_incomplete_marker(tmp_path):
+    prune(tiny_model("bert"), token_ids(8), {"heads": 0.5}, backend="greedy", damp=0.01, progress=False,
+          save_problems=tmp_path / "problems")
+    assert not (tmp_path / "problems" / INCOMPLETE_MARKER).exists()
+    assert len(list((tmp_path / "problems").glob("*.safetensors"))) == 2

@@ -160,3 +160,26 @@ def test_local_search_is_not_misled_by_near_singular_problems(damp):
         assert sorted(g % 6 for g in solution.support) == list(range(6)), (seed, solution.support)
         worst = max(worst, solution.loss / problem.c0)
     assert worst < 1e3 * damp
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (["ab", "cd"], "group 0 must be a list of column indices"),
+        ([[0, [1]], [2, 3]], "group 0 must be a flat list of integer column indices"),
+        ([[0, 1], [2, "3"]], "group 1 must be a flat list of integer column indices"),
+        ([[0, 1], [2, 3.0]], "group 1 must be a flat list of integer column indices"),
+        ("0011", "expected a list of column-index lists or a group_of_column vector"),
+    ],
+)
+def test_malformed_groups_are_named_errors(groups, message):
+    X, W = torch.randn(50, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        LayerProblem.from_activations(X, W, groups, damp=1e-2)
+
+
+@pytest.mark.parametrize("damp", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_non_finite_or_non_positive_ridge_is_blamed_on_damp(damp):
+    X, W = torch.randn(50, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="damp: expected a positive finite number"):
+        LayerProblem.from_activations(X, W, [[0, 1], [2, 3]], damp=damp)

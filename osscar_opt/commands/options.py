@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,11 @@ def problem_files(items: Sequence[str]) -> list[Path]:
             found = sorted(path.glob("*.safetensors"))
             if not found:
                 raise ValueError(f"files: folder {item} holds no *.safetensors problem files")
+            from osscar_opt.pipeline import INCOMPLETE_MARKER
+
+            if (path / INCOMPLETE_MARKER).is_file():
+                print(f"note: {item} is marked INCOMPLETE: the prune that wrote it was interrupted, so it holds the "
+                      f"problems of its first stages only ({len(found)} files)", file=sys.stderr)
             files.extend(found)
         elif path.is_file():
             files.append(path)
