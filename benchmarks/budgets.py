@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from osscar_opt import evaluate
+from osscar_opt.adapters.registry import adapter_for
 from osscar_opt.budget import CostTarget, PerLayerKeep
 from osscar_opt.costs import model_cost
 from osscar_opt.pipeline import prune
@@ -44,7 +45,10 @@ from osscar_opt.pipeline import prune
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("minilm", "smollm2", "resnet18", "mobilenet_v2")
 BACKENDS = ("local-search", "greedy", "activation")
-MODES = ("uniform", "curves")
+MODES = ("uniform", "curves", "stock")
+DEFAULT_MODES = ("uniform", "curves")
+# "stock": uniform widths over the structure kinds the family's config can state
+# (adapter.config_kinds()), so stock from_pretrained reloads the result: what --uniform-widths costs.
 
 
 class Subject:
@@ -117,10 +121,17 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
         metric, value = parse_target(target_text)
         for mode in args.modes:
             keep, allocation, curve_seconds = None, None, 0.0
+            stock_kinds = getattr(adapter_for(subject.model), "config_kinds", lambda: None)()
+            if mode == "stock" and stock_kinds is None:
+                print(f"  {target_text:12s} stock: {subject.name} has no config to state widths in; skipped")
+                continue
             for backend in args.backends:
                 model = copy.deepcopy(subject.model)
                 start = time.perf_counter()
-                if keep is None:
+                if keep is None and mode == "stock":
+                    budget = CostTarget(metric, value, kinds=sorted(stock_kinds), allocation="uniform",
+                                        normalize=args.normalize)
+                elif keep is None:
                     budget = CostTarget(metric, value, allocation=mode, normalize=args.normalize,
                                         reallocate=args.reallocate and mode == "curves")
                 else:
@@ -143,6 +154,7 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                     "achieved_fraction": allocation["achieved_fraction"] if backend == args.backends[0] else None,
                     "prune_seconds": seconds + (0.0 if backend == args.backends[0] else curve_seconds),
                     "curve_seconds": curve_seconds, "keep": keep,
+                    "stock_loadable": report.settings.get("config_describes_pruned_model"),
                 }
                 rows.append(row)
                 save()
@@ -154,13 +166,13 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = ("| model | target | budget | backend | quality | MACs | params | latency ms (range) | speed-up "
-              "| predicted | achieved | prune s |")
-    lines = [header, "|" + "---|" * 12]
+              "| predicted | achieved | prune s | stock reload |")
+    lines = [header, "|" + "---|" * 13]
     for row in rows:
         quality = row.get("perplexity", row.get("cosine_to_dense", row.get("accuracy")))
         if row["method"] == "dense":
             lines.append(f"| {row['model']} | dense | - | - | {quality:.4f} | 1 | 1 | {row['latency_ms']:.1f} "
-                         f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | 1 | - | - | - |")
+                         f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | 1 | - | - | - | - |")
             continue
         lines.append(
             f"| {row['model']} | {row['target']} | {row['mode']} | {row['method']} | {quality:.4f} | "
@@ -168,9 +180,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | {row['speedup']:.2f} | "
             f"{row['predicted_fraction']:.3f} | "
             f"{'-' if row.get('achieved_fraction') is None else format(row['achieved_fraction'], '.3f')} | "
-            f"{row['prune_seconds']:.0f} |"
+            f"{row['prune_seconds']:.0f} | {_yes_no(row.get('stock_loadable'))} |"
         )
     return "\n".join(lines)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -206,7 +222,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--targets", nargs="+", default=["macs:0.7", "macs:0.5"],
                         help="metric:value pairs, e.g. macs:0.7 params:0.7 speedup:1.5")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
+                        help="uniform, curves (default both) and stock: uniform widths over the kinds the "
+                        "model's config can state, i.e. what --uniform-widths costs")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
     parser.add_argument("--normalize", default="stage", choices=["relative", "stage"])
     parser.add_argument("--reallocate", action="store_true")
