@@ -58,6 +58,15 @@ def smollm2_file() -> Path:
     return files[0]
 
 
+def check_seq_len(model: nn.Module, seq_len: int, name: str = "seq_len") -> None:
+    """Refuse calibration windows longer than the model's position table (``max_position_embeddings``
+    or GPT-2's ``n_positions``), naming ``name``."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"{name}: {seq_len} tokens per sample, but the model has {limit} positions")
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """``"float32"``, ``"bfloat16"``... -> torch dtype; None keeps the model's dtype."""
     if name is None:

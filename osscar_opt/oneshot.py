@@ -95,13 +95,6 @@ def _texts(calibration: Any) -> list[str] | None:
     return None
 
 
-def _check_length(model: nn.Module, seq_len: int) -> None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(f"seq_len: {seq_len} tokens per sample, but the model has {limit} positions")
-
-
 def oneshot(
     model: nn.Module | str | os.PathLike,
     calibration: Any = None,
@@ -160,8 +153,9 @@ def oneshot(
             raise ValueError("tokenizer: text calibration needs a tokenizer (pass tokenizer=, or load the model "
                              "from a folder that holds one)")
         from osscar_opt.data.text import calibration_ids
+        from osscar_opt.models import check_seq_len
 
-        _check_length(model, seq_len)
+        check_seq_len(model, seq_len)
         calibration = calibration_ids(tokenizer, texts, samples, seq_len)
     elif calibration is None:
         raise ValueError("calibration: required for this model (e.g. (N, C, H, W) images for a vision model)")

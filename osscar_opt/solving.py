@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import operator
 import time
@@ -114,11 +113,7 @@ def solve(problem: LayerProblem, keep: int, backend: str = "local-search", **opt
             time.perf_counter() - start,
         )
     if not backend_cls.is_installed():
-        from osscar_opt._extras import install_hint
-
-        missing = [module for module in backend_cls.requires if importlib.util.find_spec(module) is None]
-        hint = install_hint(missing[0], backend_cls.extra) if backend_cls.extra else f"pip install {missing[0]}"
-        raise ValueError(f"backend: {backend!r} needs {missing}, which are not installed: {hint}")
+        raise ValueError(f"backend: {backend_cls.missing_message()}")
     start = time.perf_counter()
     result = backend_cls().solve(problem, keep, **options)
     seconds = time.perf_counter() - start

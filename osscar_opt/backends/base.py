@@ -46,6 +46,19 @@ class Backend:
 
         return all(importlib.util.find_spec(module) is not None for module in cls.requires)
 
+    @classmethod
+    def missing_message(cls) -> str | None:
+        """None when :meth:`is_installed`; else which required modules are missing and the pip command."""
+        import importlib.util
+
+        missing = [module for module in cls.requires if importlib.util.find_spec(module) is None]
+        if not missing:
+            return None
+        from osscar_opt._extras import install_hint
+
+        hint = install_hint(missing[0], cls.extra) if cls.extra else f"pip install {missing[0]}"
+        return f"{cls.name or cls.__name__!r} needs {missing}, which are not installed: {hint}"
+
     def solve(self, problem: LayerProblem, keep: int, **options: Any) -> SearchResult | Sequence[int]:
         raise NotImplementedError
 

@@ -33,6 +33,7 @@ from osscar_opt.commands.options import (
     check_output_path,
     error_row,
     error_text,
+    is_error_row,
     parse_backend_options,
     problem_files,
     saved_budgets,
@@ -177,7 +178,7 @@ def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exa
     """
     from osscar_opt.certify import certify
     from osscar_opt.problem import LayerProblem
-    from osscar_opt.solving import solve
+    from osscar_opt.solving import relative_gap, solve
 
     log = log or (lambda line: None)
     rows = [] if rows is None else rows
@@ -238,7 +239,7 @@ def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exa
                     best_bound = max(best_bound, min(solution.lower_bound, found.loss))
             row["best_bound"] = best_bound
             row["best_bound_relative"] = _relative(best_bound, c0)
-            row["heuristic_gap"] = 0.0 if found.loss <= 0 else max(0.0, (found.loss - best_bound) / found.loss)
+            row["heuristic_gap"] = relative_gap(found.loss, best_bound)
             row["best_loss"] = best_loss
             row["best_loss_relative"] = _relative(best_loss, c0)
             row["best_status"], row["best_method"] = _best(row)
@@ -305,15 +306,12 @@ def format_rows(rows: list[dict[str, Any]], width: int = WIDTH) -> str:
     return "\n".join(lines)
 
 
-def _failed(row: dict[str, Any]) -> bool:
-    return row.get("status") == "error"
-
 
 def _report(rows: list[dict[str, Any]], json_path: str | None) -> None:
     """The table of the rows that were computed, one line per failed row, and the --json file (every row)."""
-    print(format_rows([row for row in rows if not _failed(row)]))
+    print(format_rows([row for row in rows if not is_error_row(row)]))
     for row in rows:
-        if _failed(row):
+        if is_error_row(row):
             where = row["file"] if row["keep"] is None else f"{row['file']} keep {row['keep']}"
             print(textwrap.fill(f"error {where}: {row['error']}", WIDTH, subsequent_indent="    "))
     if json_path:
@@ -361,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
                 f" and written to {args.json}" if args.json else "")
         raise
     _report(rows, args.json)
-    good = [row for row in rows if not _failed(row)]
+    good = [row for row in rows if not is_error_row(row)]
     if args.plot:
         from osscar_opt.plots import gap_plot
 
@@ -369,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"plot: {gap_plot(good, args.plot)}")
         else:
             print("plot: no rows, nothing drawn")
-    failed = sorted({row["file"] for row in rows if _failed(row)})
+    failed = sorted({row["file"] for row in rows if is_error_row(row)})
     if failed:
         raise PartialFailure(f"{len(rows) - len(good)} of {len(rows)} rows failed ({', '.join(failed)}); "
                              "see the error lines above")

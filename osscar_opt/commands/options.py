@@ -153,6 +153,11 @@ def error_row(path: Path, name: str, keep: int | None, exc: BaseException, **fie
     return {"file": path.name, "name": name, **fields, "keep": keep, "status": "error", "error": error_text(exc)}
 
 
+def is_error_row(row: dict[str, Any]) -> bool:
+    """Whether a batch row (``solve``, ``certify``) is the row of an item that failed."""
+    return row.get("status") == "error"
+
+
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -215,7 +220,7 @@ INTEGER_OPTIONS = ("stages", "max_swaps", "swap_size", "swap_candidates", "refre
                    "max_variables")
 
 
-def accepted_options(name: str, cls: type) -> tuple[str, ...] | None:
+def accepted_options(cls: type) -> tuple[str, ...] | None:
     """The option names backend ``cls`` accepts, or None when it does not say (its solve checks them)."""
     from osscar_opt.backends.base import Backend
 
@@ -258,7 +263,7 @@ def check_backend(name: str, options: dict[str, Any] | None = None, flag: str = 
     except ValueError as exc:
         raise ValueError(f"{flag}: {str(exc).removeprefix('backend: ')}") from None
     options = options or {}
-    allowed = accepted_options(name, cls)
+    allowed = accepted_options(cls)
     if allowed is not None:  # a plugin that does not declare its options checks them when it solves
         check_options(name, options, allowed)
         _check_option_values(options)
@@ -270,11 +275,5 @@ def check_backend(name: str, options: dict[str, Any] | None = None, flag: str = 
         except ValueError as exc:
             raise ValueError(f"{flag} {name}:{formulation}: {exc}") from None
     if installed and not cls.is_installed():
-        import importlib.util
-
-        from osscar_opt._extras import install_hint
-
-        missing = [module for module in cls.requires if importlib.util.find_spec(module) is None]
-        hint = install_hint(missing[0], cls.extra) if cls.extra else f"pip install {missing[0]}"
-        raise ValueError(f"{flag}: {name!r} needs {missing}, which are not installed: {hint}")
+        raise ValueError(f"{flag}: {cls.missing_message()}")
     return cls

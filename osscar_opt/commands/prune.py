@@ -230,9 +230,7 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
         budgets = _uniform_widths(budgets, adapter, args.heads_sparsity is not None or args.target_kinds is not None)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     samples = args.samples or DEFAULT_SAMPLES
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(f"--seq-len: {seq_len} tokens per sample, but the model has {limit} positions")
+    models.check_seq_len(loaded.model, seq_len, "--seq-len")
     calibration = text.calibration_ids(
         loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"), samples, seq_len,
     )

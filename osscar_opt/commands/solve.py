@@ -13,6 +13,7 @@ from osscar_opt.commands.options import (
     add_backend_arguments,
     check_backend,
     error_row,
+    is_error_row,
     parse_backend_options,
     problem_files,
     saved_budgets,
@@ -74,16 +75,13 @@ def solve_all(files: list[Path], backend: str, options: dict[str, Any], sparsity
     return rows
 
 
-def _failed(row: dict[str, Any]) -> bool:
-    return row["status"] == "error"
-
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The table (a failed problem shows "-" and status error), its errors, and a total line."""
     header = ("layer", "kind", "groups", "keep", "loss", "rel. loss", "status", "seconds")
 
     def cells(r: dict[str, Any]) -> tuple[str, ...]:
-        if _failed(r):
+        if is_error_row(r):
             return (r["name"], r["kind"], "-" if r["groups"] is None else str(r["groups"]),
                     "-" if r["keep"] is None else str(r["keep"]), "-", "-", "error", "-")
         return (r["name"], r["kind"], str(r["groups"]), str(r["keep"]), f"{r['loss']:.6g}",
@@ -94,8 +92,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    solved = [r for r in rows if not _failed(r)]
-    failed = [r for r in rows if _failed(r)]
+    solved = [r for r in rows if not is_error_row(r)]
+    failed = [r for r in rows if is_error_row(r)]
     lines += [f"error {r['file']}: {r['error']}" for r in failed]
     total = sum(r["seconds"] for r in solved)
     summary = f"{len(rows)} problems, total loss {sum(r['loss'] for r in solved):.6g}, {total:.2f} s"
@@ -129,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                                if rows else "nothing was saved")
         raise
     show()
-    failed = [row["file"] for row in rows if _failed(row)]
+    failed = [row["file"] for row in rows if is_error_row(row)]
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(rows)} problems failed: {', '.join(failed)}")
     return 0

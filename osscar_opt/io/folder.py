@@ -68,13 +68,19 @@ KNOWN_FILES = frozenset({
 """What a save writes by name: the whole content of a folder saved before ``"files"`` was recorded."""
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors the same tied weight: storage, offset, shape, strides and dtype."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+            tensor.dtype)
+
+
 def split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that share storage with an earlier one; return the rest (CPU) and alias -> source."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, tensor in state.items():
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        identity = _storage_key(tensor)
         if tensor.numel() and identity in seen:
             aliases[key] = seen[identity]
             continue
@@ -358,15 +364,6 @@ def read_state_dict(directory: str | os.PathLike, meta: dict[str, Any]) -> dict[
     return state
 
 
-def _same_storage(first: torch.Tensor, second: torch.Tensor) -> bool:
-    return (
-        first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
-        and first.storage_offset() == second.storage_offset()
-        and first.shape == second.shape
-        and first.stride() == second.stride()
-    )
-
-
 def check_aliases_tied(model: nn.Module, directory: str | os.PathLike, meta: Mapping[str, Any]) -> None:
     """Refuse a rebuilt ``model`` in which an alias of the saved JSON (a weight written once because it
     was tied to its source) is not the same tensor as its source: the JSON was edited to load one
@@ -374,7 +371,7 @@ def check_aliases_tied(model: nn.Module, directory: str | os.PathLike, meta: Map
     directory = Path(directory)
     state = model.state_dict(keep_vars=True)
     for alias, source in _aliases(directory, meta).items():
-        if alias not in state or source not in state or not _same_storage(state[alias], state[source]):
+        if alias not in state or source not in state or _storage_key(state[alias]) != _storage_key(state[source]):
             raise ValueError(
                 f"directory: {directory / META_FILE} lists {alias!r} as tied to {source!r}, but the rebuilt "
                 f"{type(model).__name__} does not tie them; refusing to load {source!r}'s values into {alias!r}"

@@ -11,6 +11,7 @@ the folder whose encoder has no blocks, and its model is then replaced by the pr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -37,8 +38,6 @@ def _sentence_transformers():
 def _write_shell(directory: Path, shell: Path) -> None:
     """A copy of ``directory`` whose config is the stock one with no blocks, and whose weights are the
     pruned model's tensors that such a model has (embeddings, pooler)."""
-    import json
-
     from safetensors.torch import load_file, save_file
 
     def top_level_model_files(folder: str, names: list[str]) -> list[str]:
@@ -71,8 +70,6 @@ def load_sentence_transformer(directory: str | os.PathLike, device: str | None =
             "the weights; save a model loaded from a sentence-transformers folder)"
         )
     sentence_transformers = _sentence_transformers()
-    import json
-
     config = json.loads((directory / "config.json").read_text())
     if CONFIG_RECORD not in config:
         return sentence_transformers.SentenceTransformer(str(directory), device=device)
