@@ -134,10 +134,10 @@ class Incumbent:
 
 
 def support_of(values: Sequence[float] | torch.Tensor, keep: int) -> tuple[int, ...]:
-    """The ``keep`` largest entries of a (near-)binary vector, as sorted group ids."""
-    values = torch.as_tensor(values, dtype=torch.float64).flatten()
-    chosen = torch.topk(values, keep).indices if keep else torch.zeros(0, dtype=torch.int64)
-    return tuple(sorted(int(g) for g in chosen if float(values[g]) > 0.5))
+    """The ``keep`` largest entries of a binary or fractional vector (a solver's point, a relaxation
+    iterate), as sorted group ids: always a feasible support of size ``keep``."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+    return tuple(sorted(int(g) for g in torch.topk(values, keep).indices)) if keep else ()
 
 
 def binary_point(support: Sequence[int], num_groups: int) -> torch.Tensor:
@@ -227,6 +227,10 @@ def prepare(problem: LayerProblem, keep: int, common: CommonOptions, deadline: f
         cuts.append(Cut(z, value, grad))
     result = relax(fn, keep, iterations=relaxation_iterations, keep_cuts=True, time_limit=_share(deadline))
     cuts.extend(result.cuts)
+    # Without a warm start the incumbent is the rounded relaxation iterate, so that a solver stopped
+    # by the time limit before its first feasible point still hands back a support of size keep.
+    fallback = support_of(result.z, keep)
+    incumbent.offer(fallback, problem.loss(fallback))
     return Setup(fn, incumbent, max(result.bound, 0.0), cuts, time.perf_counter() - begin, deadline, stopwatch)
 
 
