@@ -136,3 +136,43 @@ def certify(
         tightening = 0.0 if scalar_gap <= 0 else (scalar_gap - block_gap) / scalar_gap
     return Certificate(budget, support, loss, bound, _gap(loss, bound), bounds, tightening, list(result.history),
                        result.iterations, time.perf_counter() - begin)
+
+
+def certify_task(problem: LayerProblem, spec: dict[str, Any]) -> dict[str, Any]:
+    """One (problem, keep) of ``osscar certify`` as a batch task (:mod:`osscar_opt.batch`): the
+    heuristic's solution, its certificate, and each exact backend's result, as plain data.
+
+    ``spec``: ``keep``, ``heuristic`` (backend name), ``exact`` (``[name, formulation]`` pairs),
+    ``options`` (for the exact backends; ``time_limit`` also bounds the relaxation), ``shift``,
+    ``iterations``. An exact backend that fails gets ``{"status": "error", "error", "seconds"}``
+    in ``exact``; a failing heuristic or bound fails the task.
+    """
+    from osscar_opt import solving
+    from osscar_opt.batch import plain
+
+    begin = time.perf_counter()
+    keep, options = spec["keep"], dict(spec["options"])
+    found = solving.solve(problem, keep, spec["heuristic"])
+    certificate = certify(problem, found, shift=spec["shift"], iterations=spec["iterations"],
+                          time_limit=options.get("time_limit"))
+    exact: dict[str, dict[str, Any]] = {}
+    for name, formulation in spec["exact"]:
+        label, tick = f"{name}:{formulation}", time.perf_counter()
+        try:
+            solution = solving.solve(problem, keep, name, formulation=formulation, warm_start=list(found.support),
+                                     **options)
+        except Exception as exc:  # noqa: BLE001 - recorded (a licence limit, a solver failure)
+            message = " ".join(str(exc).split())
+            text = message if isinstance(exc, ValueError | ImportError | OSError) and message \
+                else f"{type(exc).__name__}: {message}"
+            exact[label] = {"status": "error", "error": text, "seconds": time.perf_counter() - tick}
+            continue
+        exact[label] = {"loss": solution.loss, "lower_bound": solution.lower_bound, "gap": solution.gap,
+                        "status": solution.status, "seconds": solution.seconds, "support": list(solution.support),
+                        "info": plain(solution.info)}
+        if "solver_warnings" in solution.info:
+            exact[label]["note"] = str(solution.info["solver_warnings"])
+    return {"heuristic_loss": found.loss, "heuristic_seconds": found.seconds, "heuristic_support": list(found.support),
+            "bound": certificate.lower_bound, "bounds": dict(certificate.bounds), "certified_gap": certificate.gap,
+            "certify_seconds": certificate.seconds, "exact": exact, "c0": problem.c0,
+            "seconds": time.perf_counter() - begin}

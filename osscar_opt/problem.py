@@ -19,9 +19,11 @@ import json
 import math
 import operator
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -651,10 +653,8 @@ class LayerProblem:
             validate=False,
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the problem as safetensors (no pickle); the file is replaced atomically."""
-        from safetensors.torch import save_file
-
+    def _serialized(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors (CPU, float64 / int64) and string metadata of the safetensors form."""
         tensors = {
             "H": self.H.detach().to("cpu", torch.float64).contiguous(),
             "G": self.G.detach().to("cpu", torch.float64).contiguous(),
@@ -683,6 +683,13 @@ class LayerProblem:
             metadata["heldout.y_square"] = repr(self.heldout.y_square)
             metadata["heldout.rows"] = repr(float(self.heldout.rows))
             metadata["heldout.inputs"] = str(self.heldout.inputs)
+        return tensors, metadata
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the problem as safetensors (no pickle); the file is replaced atomically."""
+        from safetensors.torch import save_file
+
+        tensors, metadata = self._serialized()
         path = Path(path)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -692,25 +699,81 @@ class LayerProblem:
             if temporary.exists():
                 temporary.unlink()
 
+    def to_bytes(self) -> bytes:
+        """The problem in the safetensors form :meth:`save` writes, as bytes (how a batch sends
+        in-memory problems to workers: no pickle)."""
+        from safetensors.torch import save
+
+        tensors, metadata = self._serialized()
+        return save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<bytes>") -> LayerProblem:
+        """Read :meth:`to_bytes`'s form; ``name`` stands for the source in error messages."""
+        from safetensors.torch import load
+
+        with _unreadable(name, "data"):
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ValueError(f"expected bytes, got {type(data).__name__}")
+            data = bytes(data)
+            if len(data) < 8:
+                raise ValueError("too short for a safetensors header")
+            size = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + size])
+            metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+            cls._check_format(metadata, name)
+            tensors = load(data)
+        return cls._from_parts(tensors, metadata, name)
+
+    @staticmethod
+    def _check_format(metadata: dict[str, str], name: object) -> None:
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"path: {name} is not an osscar_opt LayerProblem file")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"path: {name} has format version {metadata.get('version')!r}, "
+                f"this osscar_opt reads version {FORMAT_VERSION}"
+            )
+
+    @classmethod
+    def _read(cls, path: Path, names: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors (all, or those in ``names``) and metadata of a problem file; ValueError naming it."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise ValueError(f"path: no such problem file: {path}")
+        with _unreadable(path), safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            cls._check_format(metadata, path)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()  # noqa: SIM118
+                       if names is None or key in names}
+        return tensors, metadata
+
+    @classmethod
+    def peek(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """``{"name", "kind", "groups", "keep"}`` of a saved problem, read without its matrices
+        (no ``H`` is loaded or factored); a foreign or corrupt file raises ValueError like :meth:`load`."""
+        path = Path(path)
+        tensors, metadata = cls._read(path, {"group_of_column", "keep"})
+        try:
+            meta = json.loads(metadata.get("meta", "{}"))
+            labels = tensors["group_of_column"]
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc!r})") from exc
+        groups = int(labels.max()) + 1 if labels.numel() else 0
+        return {"name": str(meta.get("name", path.stem)), "kind": str(meta.get("kind", "")), "groups": groups,
+                "keep": _saved_keep(path, tensors.get("keep"))}
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> LayerProblem:
         """Read a problem written by :meth:`save`; a corrupt or foreign file raises ValueError."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"path: no such problem file: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("format") != FORMAT_NAME:
-                    raise ValueError(f"path: {path} is not an osscar_opt LayerProblem file")
-                if metadata.get("version") != FORMAT_VERSION:
-                    raise ValueError(
-                        f"path: {path} has format version {metadata.get('version')!r}, "
-                        f"this osscar_opt reads version {FORMAT_VERSION}"
-                    )
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        return cls._from_parts(*cls._read(path), path)
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: object) -> LayerProblem:
+        """The problem from the safetensors form's tensors and metadata; ``path`` names the source in errors."""
+        with _unreadable(path):
             c0 = float(metadata["c0"])
             lam = float(metadata["lam"])
             has_bias_column = metadata["has_bias_column"] == "1"
@@ -722,12 +785,6 @@ class LayerProblem:
                     tensors["heldout.xtx"], tensors["heldout.xty"], float(metadata["heldout.y_square"]),
                     float(metadata["heldout.rows"]), tensors["heldout.anchor"], int(metadata["heldout.inputs"]),
                 )
-        except ValueError as exc:
-            if str(exc).startswith("path:"):
-                raise
-            raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc})") from exc
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-            raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc})") from exc
         if labels.dtype != torch.int64:
             raise ValueError(f"path: {path} has group_of_column of dtype {labels.dtype}, expected int64")
         try:
@@ -772,6 +829,20 @@ class LayerProblem:
             f"groups={self.num_groups}, group_sizes={sizes}, lam={self.lam:.3g}, "
             f"bias_column={self.has_bias_column}, meta={self.meta})"
         )
+
+
+@contextmanager
+def _unreadable(source: object, what: str = "file") -> Iterator[None]:
+    """Turn any failure to parse ``source`` into ``ValueError("path: <source> is not a readable ...")``
+    (an error that already names it passes unchanged)."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith("path:"):
+            raise
+        raise ValueError(f"path: {source} is not a readable osscar_opt LayerProblem {what} ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"path: {source} is not a readable osscar_opt LayerProblem {what} ({exc})") from exc
 
 
 def _saved_keep(path: Path, value: torch.Tensor | None) -> int | None:

@@ -70,3 +70,10 @@ def check_options(backend: str, given: dict[str, Any], allowed: Sequence[str]) -
         raise ValueError(
             f"options: backend {backend!r} does not accept {unknown}; accepted: {sorted(allowed)}"
         )
+
+
+def declared_options(cls: type) -> tuple[str, ...] | None:
+    """The option names backend ``cls`` declares, or None when it does not say (its solve checks them)."""
+    if any("options" in vars(klass) for klass in cls.__mro__ if klass not in (Backend, object)):
+        return tuple(cls.options)
+    return None

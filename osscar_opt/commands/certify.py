@@ -21,23 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from osscar_opt.budget import keep_count
 from osscar_opt.commands.options import (
     PartialFailure,
+    add_executor_arguments,
     check_backend,
     check_output_path,
-    error_row,
-    error_text,
+    executor_from,
     is_error_row,
     parse_backend_options,
     problem_files,
-    saved_budgets,
 )
+from osscar_opt.solving import relative_gap
 
 WIDTH = 100  # the table and the lines under it fit this many columns
 TINY_SHARE = 0.02  # a keep below this share of a layer's groups gets a note
@@ -77,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write the rows, with every backend's details, as JSON to OUT")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="draw the certified gap (%%) against keep, one line per layer, to PNG (needs matplotlib)")
+    add_executor_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -102,13 +104,6 @@ def _relative(value: float | None, c0: float) -> float | None:
     if value is None:
         return None
     return value / c0 if c0 > 0 else 0.0
-
-
-def _json_value(value: Any) -> Any:
-    """Scalars as they are (non-finite floats as strings, which JSON cannot hold), else their text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
 def usable_budgets(name: str, groups: int, budgets: list[int],
@@ -164,88 +159,78 @@ def _best(row: dict[str, Any]) -> tuple[str, str]:
 def certify_rows(files: list[Path], keeps: list[int] | None, heuristic: str, exact: list[tuple[str, str]],
                  options: dict[str, Any], shift: str, iterations: int,
                  sparsity: float | None = None, log: Callable[[str], None] | None = None,
-                 keep_going: bool = False, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 keep_going: bool = True, rows: list[dict[str, Any]] | None = None,
+                 executor: Any = "serial", results: str | None = None, progress: bool = False,
+                 threads: int | None = None) -> list[dict[str, Any]]:
     """One row per (file, keep): the heuristic, the certified bound, and each exact backend's result.
 
     Every row keeps the raw losses (``heuristic_loss``, ``bound``, ``best_bound``, each backend's
     ``loss`` / ``lower_bound``) and adds them relative to ``c0`` (``*_relative``, unit ``loss / c0``).
     ``log`` receives the skip and note lines (printed before solving by the command).
 
-    An exact backend that fails gets its error in the row (ValueError and ImportError, or any
-    error with ``keep_going``). ``keep_going``: a file that cannot be read, or a (file, keep) whose
-    heuristic or bound fails, gets a row ``{file, name, keep, status: "error", error}`` and the
-    run goes on (else the error stops it). ``rows``: a list to append the rows to as they come.
+    The (file, keep) pairs are tasks of one batch (:mod:`osscar_opt.batch`) on ``executor``, with
+    ``results`` as its resumable record. An exact backend that fails gets its error in the row; a
+    file that cannot be read, or a (file, keep) whose heuristic or bound fails, gets a row
+    ``{file, name, keep, status: "error", error}`` (``keep_going=False``: the first such row raises
+    instead). ``rows``: a list to append the rows to as they come (in completion order).
     """
-    from osscar_opt.certify import certify
-    from osscar_opt.problem import LayerProblem
-    from osscar_opt.solving import relative_gap, solve
+    from osscar_opt.batch import Task, problem_sources, run_tasks
 
     log = log or (lambda line: None)
-    rows = [] if rows is None else rows
-    for path in files:
-        try:
-            problem = LayerProblem.load(path)
-        except Exception as exc:
-            if not keep_going:
-                raise
-            rows.append(error_row(path, path.stem, None, exc, groups=None, heuristic=heuristic))
+    sources = problem_sources(files)
+    tasks, notes_of = [], {}
+    for position, source in enumerate(sources):
+        if source.error is not None:
+            tasks.append(Task("certify", position, {"keep": None, "heuristic": heuristic}))
             continue
-        name = problem.meta.get("name", path.stem)
-        c0 = problem.c0
-        budgets, notes = usable_budgets(name, problem.num_groups, saved_budgets(problem, keeps, sparsity), log)
-        for keep in budgets:
-            begin = time.perf_counter()
-            try:
-                found = solve(problem, keep, heuristic)
-                certificate = certify(problem, found, shift=shift, iterations=iterations,
-                                      time_limit=options.get("time_limit"))
-            except Exception as exc:
-                if not keep_going:
-                    raise
-                rows.append(error_row(path, name, keep, exc, groups=problem.num_groups, heuristic=heuristic))
-                continue
-            row: dict[str, Any] = {
-                "file": path.name, "name": name, "groups": problem.num_groups,
-                "keep": keep, "heuristic": heuristic, "heuristic_loss": found.loss,
-                "heuristic_seconds": found.seconds, "bound": certificate.lower_bound, "bounds": certificate.bounds,
-                "certified_gap": certificate.gap, "certify_seconds": certificate.seconds, "exact": {},
-                "c0": c0, "unit": UNIT, "heuristic_loss_relative": _relative(found.loss, c0),
-                "bound_relative": _relative(certificate.lower_bound, c0),
-                "notes": [note for note in notes if note.startswith(f"keep {keep} of ")],
-            }
-            best_bound, best_loss = certificate.lower_bound, found.loss
-            for name_, formulation in exact:
-                label = f"{name_}:{formulation}"
-                tick = time.perf_counter()
-                try:
-                    solution = solve(problem, keep, name_, formulation=formulation,
-                                     warm_start=list(found.support), **options)
-                except Exception as exc:
-                    if not (keep_going or isinstance(exc, ValueError | ImportError)):
-                        raise
-                    row["exact"][label] = {"status": "error", "error": error_text(exc),
-                                           "seconds": time.perf_counter() - tick}
-                    continue
-                entry = {"loss": solution.loss, "lower_bound": solution.lower_bound,
-                         "gap": solution.gap, "status": solution.status, "seconds": solution.seconds,
-                         "loss_relative": _relative(solution.loss, c0),
-                         "lower_bound_relative": _relative(solution.lower_bound, c0),
-                         "info": {key: _json_value(value) for key, value in solution.info.items()}}
-                if "solver_warnings" in solution.info:
-                    entry["note"] = solution.info["solver_warnings"]
-                row["exact"][label] = entry
-                best_loss = min(best_loss, solution.loss)
-                if solution.lower_bound is not None:
-                    best_bound = max(best_bound, min(solution.lower_bound, found.loss))
-            row["best_bound"] = best_bound
-            row["best_bound_relative"] = _relative(best_bound, c0)
-            row["heuristic_gap"] = relative_gap(found.loss, best_bound)
-            row["best_loss"] = best_loss
-            row["best_loss_relative"] = _relative(best_loss, c0)
-            row["best_status"], row["best_method"] = _best(row)
-            row["seconds"] = time.perf_counter() - begin
-            rows.append(row)
-    return rows
+        budgets = keeps
+        if budgets is None and sparsity is None and source.keep is None:
+            raise ValueError(f"keep: problem {source.name} has no saved budget; pass --keep or --sparsity")
+        if not budgets:
+            budgets = [keep_count(source.groups, sparsity)] if sparsity is not None else [source.keep]
+        usable, notes = usable_budgets(source.name, source.groups, list(budgets), log)
+        for keep in usable:
+            notes_of[(source.id, keep)] = [note for note in notes if note.startswith(f"keep {keep} of ")]
+            tasks.append(Task("certify", position, {
+                "keep": keep, "heuristic": heuristic, "exact": [list(pair) for pair in exact], "options": options,
+                "shift": shift, "iterations": iterations}))
+    collected = [] if rows is None else rows
+
+    def completed(row: dict[str, Any]) -> dict[str, Any]:
+        if is_error_row(row):
+            return {key: row[key] for key in ("file", "name", "groups", "heuristic", "keep", "status", "error")}
+        return _complete(row, notes_of.get((row["problem_id"], row["keep"]), []))
+
+    def finished(row: dict[str, Any]) -> None:
+        if is_error_row(row) and not keep_going:
+            raise RuntimeError(f"{row['file']} keep {row['keep']}: {row['error']}")
+        collected.append(completed(row))
+
+    return [completed(row) for row in run_tasks(sources, tasks, executor, results=results, progress=progress,
+                                                on_row=finished, threads=threads)]
+
+
+def _complete(row: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """A certify task's row with the relative values, the best bound, loss, status and method."""
+    c0 = row["c0"]
+    row = {**row, "unit": UNIT, "heuristic_loss_relative": _relative(row["heuristic_loss"], c0),
+           "bound_relative": _relative(row["bound"], c0), "notes": notes}
+    best_bound, best_loss = row["bound"], row["heuristic_loss"]
+    for entry in row["exact"].values():
+        if entry["status"] == "error":
+            continue
+        entry["loss_relative"] = _relative(entry["loss"], c0)
+        entry["lower_bound_relative"] = _relative(entry["lower_bound"], c0)
+        best_loss = min(best_loss, entry["loss"])
+        if entry["lower_bound"] is not None:
+            best_bound = max(best_bound, min(entry["lower_bound"], row["heuristic_loss"]))
+    row["best_bound"] = best_bound
+    row["best_bound_relative"] = _relative(best_bound, c0)
+    row["heuristic_gap"] = relative_gap(row["heuristic_loss"], best_bound)
+    row["best_loss"] = best_loss
+    row["best_loss_relative"] = _relative(best_loss, c0)
+    row["best_status"], row["best_method"] = _best(row)
+    return row
 
 
 def _ellipsize(text: str, width: int) -> str:
@@ -347,17 +332,22 @@ def run(args: argparse.Namespace) -> int:
     options = {"time_limit": args.time_limit}
     options.update(given)
     files = problem_files(args.files)
-    rows: list[dict[str, Any]] = []
+    executor = executor_from(args)
+    done: list[dict[str, Any]] = []
     try:
-        certify_rows(files, args.keep, args.heuristic, exact, options, args.shift, args.iterations, args.sparsity,
-                     log=lambda line: print(line, flush=True), keep_going=not getattr(args, "debug", False),
-                     rows=rows)
+        rows = certify_rows(files, args.keep, args.heuristic, exact, options, args.shift, args.iterations,
+                            args.sparsity, log=lambda line: print(line, flush=True),
+                            keep_going=not getattr(args, "debug", False), rows=done, executor=executor,
+                            results=args.results, progress=sys.stderr.isatty(), threads=args.threads)
     except BaseException:  # stopped (Ctrl-C, no budget): the rows done so far are printed and written
-        if rows:
-            _report(rows, args.json)
-            args.interrupt_note = f"the {len(rows)} rows done are printed above" + (
-                f" and written to {args.json}" if args.json else "")
+        if done:
+            _report(done, args.json)
+            args.interrupt_note = f"the {len(done)} rows done are printed above" + (
+                f" and written to {args.json}" if args.json else "") + (
+                f"; a rerun with --results {args.results} goes on from there" if args.results else "")
         raise
+    finally:
+        executor.close()
     _report(rows, args.json)
     good = [row for row in rows if not is_error_row(row)]
     if args.plot:

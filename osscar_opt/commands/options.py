@@ -36,6 +36,56 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--ray``, ``--executor``, ``--results``, ``--retries``: where a batch runs."""
+    group = parser.add_argument_group("workers (osscar_opt.batch)")
+    group.add_argument("--workers", type=int, default=None,
+                       help="tasks at once: local worker processes, or the CPUs of a local Ray cluster")
+    group.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                       help="run the tasks on Ray: 'auto' (default: the cluster RAY_ADDRESS names, else a new local "
+                       "one), host:port or ray://host:port (needs pip install 'osscar-opt[ray]')")
+    group.add_argument("--executor", default=None,
+                       help="serial, processes or ray (default: ray with --ray, processes with --workers, else "
+                       "serial)")
+    group.add_argument("--results", default=None, metavar="JSONL",
+                       help="append each finished task to this JSON-lines file; a rerun with it skips what is done")
+    group.add_argument("--retries", type=int, default=2,
+                       help="re-runs of a task whose worker process died (default 2)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch threads per task (default: all for serial, cores / workers for processes, 1 on "
+                       "Ray); the same count gives the same rows bit for bit on every executor")
+
+
+def executor_from(args: argparse.Namespace):
+    """The executor the arguments of :func:`add_executor_arguments` name, checked and connected
+    (an unreachable --ray address fails here, before any problem is read)."""
+    from osscar_opt.executors import EXECUTORS, make_executor
+
+    name = args.executor
+    if name is not None and name not in EXECUTORS:
+        raise ValueError(f"--executor: expected one of {list(EXECUTORS)}, got {name!r}")
+    if args.ray is not None and name not in (None, "ray"):
+        raise ValueError(f"--executor: --ray runs the tasks on Ray, not with executor {name!r}")
+    if args.workers is not None and (isinstance(args.workers, bool) or args.workers < 1):
+        raise ValueError(f"--workers: expected a positive number of workers, got {args.workers}")
+    if args.retries < 0:
+        raise ValueError(f"--retries: expected an integer >= 0, got {args.retries}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive number of threads, got {args.threads}")
+    check_output_path(args.results, "--results")
+    if name is None:
+        name = "ray" if args.ray is not None else "processes" if args.workers is not None else "serial"
+    address = args.ray if name == "ray" and args.ray != "auto" else None
+    try:
+        return make_executor(name, args.workers, args.retries, address)
+    except ValueError as exc:
+        text = str(exc)
+        for argument, flag in (("workers:", "--workers:"), ("address:", "--ray:"), ("executor:", "--executor:")):
+            if text.startswith(argument):
+                raise ValueError(flag + text[len(argument):]) from None
+        raise
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` for the forward passes."""
     parser.add_argument("--device", type=device_value, default=None,
@@ -222,11 +272,9 @@ INTEGER_OPTIONS = ("stages", "max_swaps", "swap_size", "swap_candidates", "refre
 
 def accepted_options(cls: type) -> tuple[str, ...] | None:
     """The option names backend ``cls`` accepts, or None when it does not say (its solve checks them)."""
-    from osscar_opt.backends.base import Backend
+    from osscar_opt.backends.base import declared_options
 
-    if any("options" in vars(klass) for klass in cls.__mro__ if klass not in (Backend, object)):
-        return tuple(cls.options)
-    return None
+    return declared_options(cls)
 
 
 def _check_option_values(options: dict[str, Any]) -> None:

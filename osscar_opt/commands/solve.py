@@ -1,133 +1,123 @@
-"""``osscar solve DIR``: re-solve saved layer problems in batch and print the per-layer table."""
+"""``osscar solve DIR``: solve saved layer problems in batch, with one or more backends and keeps,
+on this process, local worker processes or Ray (:mod:`osscar_opt.batch`), and print the table."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 from typing import Any
 
 from osscar_opt.budget import check_sparsity
 from osscar_opt.commands.options import (
     PartialFailure,
-    add_backend_arguments,
+    add_executor_arguments,
     check_backend,
-    error_row,
+    executor_from,
     is_error_row,
     parse_backend_options,
     problem_files,
-    saved_budgets,
 )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "solve", help="re-solve saved layer problems (from prune --save-problems) with any backend",
-        description="Solve every *.safetensors LayerProblem in DIR. The budget is the 'keep' stored with each "
-        "problem unless --sparsity or --keep is given.",
+        "solve", help="re-solve saved layer problems (from prune --save-problems) with any backends, in parallel",
+        description="Solve every *.safetensors LayerProblem in DIR with every --backend at every --keep. The budget "
+        "is the 'keep' stored with each problem unless --sparsity or --keep is given. --workers / --ray spread the "
+        "tasks over processes or a Ray cluster; --results makes the batch resumable.",
     )
     parser.add_argument("directory", help="folder of saved problems (or a single problem file)")
-    add_backend_arguments(parser)
+    parser.add_argument("--backend", nargs="+", default=["local-search"], metavar="NAME",
+                        help="backend names (default: local-search)")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option for every backend, repeatable (values parsed as JSON when possible)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--sparsity", type=float, default=None, help="fraction of groups removed in every problem")
-    budget.add_argument("--keep", type=int, default=None, help="number of groups kept in every problem")
+    budget.add_argument("--keep", type=int, nargs="+", default=None, help="groups kept in every problem (one or more)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_executor_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def solve_all(files: list[Path], backend: str, options: dict[str, Any], sparsity: float | None,
-              keep: int | None, keep_going: bool = False,
-              rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per problem: name, kind, groups, keep, loss, relative loss, status, seconds.
-
-    ``keep_going``: a problem that cannot be read or solved gets a row with ``status: "error"``
-    and its message, and the batch goes on (else the error stops it). A problem with no saved
-    budget and no ``keep`` / ``sparsity`` always stops it (the command line must give one).
-    ``rows``: a list to append the rows to as they come (kept when the batch is stopped).
-    """
-    from osscar_opt.problem import LayerProblem
-    from osscar_opt.solving import solve
-
-    rows = [] if rows is None else rows
-    for path in files:
-        try:
-            problem = LayerProblem.load(path)
-        except Exception as exc:
-            if not keep_going:
-                raise
-            rows.append(error_row(path, path.stem, keep, exc, kind="", groups=None))
-            continue
-        name, kind = problem.meta.get("name", path.stem), problem.meta.get("kind", "")
-        budget = saved_budgets(problem, None if keep is None else [keep], sparsity)[0]
-        try:
-            solution = solve(problem, budget, backend, **options)
-        except Exception as exc:
-            if not keep_going:
-                raise
-            rows.append(error_row(path, name, budget, exc, kind=kind, groups=problem.num_groups))
-            continue
-        rows.append({
-            "file": path.name, "name": name, "kind": kind,
-            "groups": problem.num_groups, "keep": solution.keep, "loss": solution.loss,
-            "relative_loss": solution.loss / problem.c0 if problem.c0 > 0 else 0.0,
-            "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,
-        })
-    return rows
-
-
-
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The table (a failed problem shows "-" and status error), its errors, and a total line."""
-    header = ("layer", "kind", "groups", "keep", "loss", "rel. loss", "status", "seconds")
+    """The table (a failed task shows "-" and status error; a backend column when there are
+    several), its errors, and a total line."""
+    several = len({row.get("backend") for row in rows}) > 1
+    header = ("layer", "kind", *(("backend",) if several else ()), "groups", "keep", "loss", "rel. loss", "status",
+              "seconds")
 
     def cells(r: dict[str, Any]) -> tuple[str, ...]:
+        backend = (str(r.get("backend", "")),) if several else ()
         if is_error_row(r):
-            return (r["name"], r["kind"], "-" if r["groups"] is None else str(r["groups"]),
+            return (r["name"], r["kind"], *backend, "-" if r["groups"] is None else str(r["groups"]),
                     "-" if r["keep"] is None else str(r["keep"]), "-", "-", "error", "-")
-        return (r["name"], r["kind"], str(r["groups"]), str(r["keep"]), f"{r['loss']:.6g}",
+        return (r["name"], r["kind"], *backend, str(r["groups"]), str(r["keep"]), f"{r['loss']:.6g}",
                 f"{r['relative_loss']:.4f}", r["status"], f"{r['seconds']:.2f}")
 
+    left = 3 if several else 2
     table = [header] + [cells(r) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in table]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     solved = [r for r in rows if not is_error_row(r)]
     failed = [r for r in rows if is_error_row(r)]
-    lines += [f"error {r['file']}: {r['error']}" for r in failed]
+    lines += [f"error {r['file']}" + (f" ({r['backend']} keep {r['keep']})" if several else "") + f": {r['error']}"
+              for r in failed]
+    noun = "problems" if len({(r.get("backend"), r.get("keep")) for r in rows}) <= 1 or not several else "tasks"
     total = sum(r["seconds"] for r in solved)
-    summary = f"{len(rows)} problems, total loss {sum(r['loss'] for r in solved):.6g}, {total:.2f} s"
+    summary = f"{len(rows)} {noun}, total loss {sum(r['loss'] for r in solved):.6g}, {total:.2f} s"
     if failed:
-        summary = f"{len(rows)} problems ({len(failed)} failed), total loss of the {len(solved)} solved " \
+        summary = f"{len(rows)} {noun} ({len(failed)} failed), total loss of the {len(solved)} solved " \
                   f"{sum(r['loss'] for r in solved):.6g}, {total:.2f} s"
     lines.append(summary)
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    from osscar_opt.batch import solve_many, summary_table
+
     options = parse_backend_options(args.backend_option)
-    check_backend(args.backend, options)  # an unknown backend or option fails before any problem is read
+    for name in args.backend:  # an unknown backend or option fails before any problem is read
+        check_backend(name, options)
+    if len(set(args.backend)) != len(args.backend):
+        raise ValueError(f"--backend: {args.backend} names a backend twice")
     if args.sparsity is not None:
         check_sparsity(args.sparsity, "sparsity")
-    if args.keep is not None and args.keep < 0:
-        raise ValueError(f"keep: expected a number of groups >= 0, got {args.keep}")
+    for keep in args.keep or []:
+        if keep < 0:
+            raise ValueError(f"keep: expected a number of groups >= 0, got {keep}")
     files = problem_files([args.directory])
-    rows: list[dict[str, Any]] = []
+    executor = executor_from(args)
+    done: list[dict[str, Any]] = []
+    per_task = len(args.backend) * len(args.keep or [None])
+    noun = "problems" if per_task == 1 else "tasks"
 
-    def show() -> None:
+    def show(rows: list[dict[str, Any]]) -> None:
         print(json.dumps(rows, indent=1) if args.json else format_rows(rows), flush=True)
 
     try:
-        solve_all(files, args.backend, options, args.sparsity, args.keep, keep_going=not getattr(args, "debug", False),
-                  rows=rows)
+        rows = solve_many(files, args.keep, args.backend, options=options, sparsity=args.sparsity,
+                          executor=executor, results=args.results, progress=sys.stderr.isatty(), on_row=done.append,
+                          threads=args.threads)
     except BaseException:  # stopped (Ctrl-C, no budget): the rows done so far are not lost
-        if rows:
-            show()
-        args.interrupt_note = (f"{len(rows)} of {len(files)} problems were done (printed above); nothing was saved"
-                               if rows else "nothing was saved")
+        if done:
+            show(done)
+        saved = f"; they are in {args.results} and a rerun with --results {args.results} goes on from there" \
+            if args.results and done else "; nothing was saved"
+        args.interrupt_note = (f"{len(done)} of {len(files) * per_task} {noun} were done (printed above){saved}"
+                               if done else "nothing was saved")
         raise
-    show()
-    failed = [row["file"] for row in rows if is_error_row(row)]
+    finally:
+        executor.close()
+    show(rows)
+    if not args.json and (per_task > 1 or executor.name != "serial"):
+        print(f"\n{executor.describe()}; {len(done)} run now, {len(rows) - len(done)} read from {args.results}"
+              if args.results else f"\n{executor.describe()}")
+        print(summary_table(rows))
+    failed = [row for row in rows if is_error_row(row)]
     if failed:
-        raise PartialFailure(f"{len(failed)} of {len(rows)} problems failed: {', '.join(failed)}")
+        names = ", ".join(dict.fromkeys(row["file"] for row in failed))
+        raise PartialFailure(f"{len(failed)} of {len(rows)} {noun} failed: {names}")
     return 0
