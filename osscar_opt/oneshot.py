@@ -31,16 +31,20 @@ def _positive(value: Any, name: str) -> int:
     return value
 
 
-def _resolve_model(model: Any, tokenizer: Any, device: str | None, dtype: str | None) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``; a folder, ``.gguf`` file or known name is loaded offline."""
+def _resolve_model(model: Any, tokenizer: Any, device: str | None, dtype: str | None,
+                   offload: bool = False) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``; a folder, ``.gguf`` file or known name is loaded offline (on the
+    CPU under ``offload``; a model object is then left where it is, only its dtype changes)."""
     if isinstance(model, str | os.PathLike):
         from osscar_opt.models import load_model
 
-        loaded = load_model(str(model), device=device, dtype=dtype)
+        loaded = load_model(str(model), device="cpu" if offload else device, dtype=dtype)
         return loaded.model, tokenizer if tokenizer is not None else loaded.tokenizer
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch module, a local model folder or a model name, got "
                          f"{type(model).__name__}")
+    if offload:
+        device = None
     if device is not None or dtype is not None:
         from osscar_opt.models import parse_device, parse_dtype
 
@@ -107,6 +111,7 @@ def oneshot(
     output_dir: str | os.PathLike | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    offload: bool = False,
     **options: Any,
 ):
     """Prune ``model`` in one call; returns ``(pruned model, report)``.
@@ -127,6 +132,9 @@ def oneshot(
         backend: the solver backend (:func:`osscar_opt.backends.names`).
         output_dir: save the pruned model (and tokenizer, kept ids) here; checked before pruning.
         device, dtype: where and in which dtype to run (``"cpu"``, ``"cuda:0"``; ``"float32"``...).
+        offload: keep the model on the CPU (a model object: where it is) and move one stage at a
+            time to ``device`` (a model loaded here: default cuda if available; a model object:
+            default its own device) for calibration and solving (:func:`osscar_opt.pipeline.prune`).
         **options: passed to :func:`osscar_opt.pipeline.prune` (``damp``, ``target``, ``objective``,
             ``batch_size``, ``backend_options``, ``refit_bias``, ``save_problems``, ``progress``).
     """
@@ -135,12 +143,20 @@ def oneshot(
     from osscar_opt.pipeline import prune
 
     samples, seq_len = _positive(samples, "samples"), _positive(seq_len, "seq_len")
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload: expected True or False, got {offload!r}")
+    compute = None
+    if offload and (device is not None or isinstance(model, str | os.PathLike)):
+        from osscar_opt.models import parse_device
+        from osscar_opt.pipeline import resolve_device
+
+        compute = resolve_device(parse_device(device))
     backends.get(backend)
     if output_dir is not None:
         from osscar_opt.io.folder import check_destination
 
         check_destination(Path(output_dir))
-    model, tokenizer = _resolve_model(model, tokenizer, device, dtype)
+    model, tokenizer = _resolve_model(model, tokenizer, device, dtype, offload)
     adapter = adapter_for(model)
     budget = _budget(budgets, {structure.kind for structure in adapter.structures()})
     texts = _texts(calibration)
@@ -159,6 +175,8 @@ def oneshot(
         calibration = calibration_ids(tokenizer, texts, samples, seq_len)
     elif calibration is None:
         raise ValueError("calibration: required for this model (e.g. (N, C, H, W) images for a vision model)")
+    if offload:
+        options.update(offload=True, device=compute)
     report = prune(model, calibration, budget, backend=backend, **options)
     if output_dir is not None:
         from osscar_opt.io import save_pruned

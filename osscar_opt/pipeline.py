@@ -15,10 +15,16 @@ The loop (docs/architecture.md, "The pipeline"):
    dense inputs.
 
 Only one stage's activations are held in memory. The model is pruned in place.
+
+With ``offload=True`` (:class:`_Placement`) the model and the cached activations (stage inputs,
+call arguments, dense targets) stay on the offload device (where the model is, normally the CPU);
+each stage moves to the compute device just for its own passes, solves and cuts, and goes back
+pruned; the cached tensors move to the compute device one batch at a time, when used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -31,7 +37,7 @@ import torch
 from torch import nn
 
 from osscar_opt.accumulator import SplitAccumulator, StatsAccumulator, choose_damp
-from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
+from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall, map_tensors, model_device
 from osscar_opt.adapters.registry import adapter_for
 from osscar_opt.allocate import Choices, InfeasibleTarget, allocate_with_pairs, interpolate, uniform_keeps
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
@@ -118,11 +124,122 @@ class _Options:
         return self.damp == "auto"
 
 
-def _record_io(module: nn.Module, store: list, what: str):
-    """Forward hook appending the module's input (``what='input'``) or output to ``store``."""
+class _Placement:
+    """Where the stages run (``compute``) and where the model and the cached activations live
+    (``storage``, the offload device) during a :func:`prune` run.
+
+    Without ``offload`` every method returns its argument (everything stays where the model is).
+    With it, :meth:`stage_on_compute` holds one stage on the compute device, :meth:`fetch` brings a
+    cached tensor (or a :class:`StageCall`) there for one use and :meth:`store` puts a result back
+    on the offload device. Tensors and modules move through :meth:`_to_compute` /
+    :meth:`_to_storage` only (``tensor.to(device)``; modules through ``Module._apply``, as
+    ``Module.to`` does).
+    """
+
+    def __init__(self, compute: torch.device, storage: torch.device, offload: bool) -> None:
+        self.compute = compute
+        self.storage = storage
+        self.offload = offload
+
+    def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.compute)
+
+    def _to_storage(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.storage)
+
+    def fetch(self, value: Any) -> Any:
+        """``value`` (a tensor, a StageCall, tuples / lists / dicts of them) on the compute device."""
+        return map_tensors(value, self._to_compute) if self.offload else value
+
+    def store(self, value: Any) -> Any:
+        """``value`` on the offload device."""
+        return map_tensors(value, self._to_storage) if self.offload else value
+
+    @contextlib.contextmanager
+    def stage_on_compute(self, module: nn.Module, back: bool = True):
+        """``module`` (a stage, cut in place inside the block) on the compute device; on leaving,
+        back on the offload device (also after an error); ``back=False`` for a throw-away copy."""
+        if not self.offload:
+            yield module
+            return
+        module._apply(self._to_compute)
+        try:
+            yield module
+        finally:
+            if back:
+                module._apply(self._to_storage)
+
+    @contextlib.contextmanager
+    def outside_stages_on_compute(self, adapter: ModelAdapter):
+        """The parameters and buffers of no stage (embeddings, masks' buffers, head) on the compute
+        device, for :meth:`ModelAdapter.stage_inputs`; back on the offload device after."""
+        if not self.offload:
+            yield
+            return
+        modules = adapter.outside_stages()
+        for module in modules:
+            module._apply(self._to_compute, recurse=False)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._apply(self._to_storage, recurse=False)
+
+
+def resolve_device(value: Any, name: str = "device") -> torch.device:
+    """``value`` (a ``torch.device`` or a name such as ``"cuda:0"``) as a device this machine has,
+    with the CUDA index made explicit; anything else is a ValueError naming ``name``."""
+    shown = repr(str(value)) if isinstance(value, torch.device) else repr(value)
+    if isinstance(value, str):
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{name}: {shown} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    elif isinstance(value, torch.device):
+        device = value
+    else:
+        raise ValueError(f"{name}: expected a torch.device or a device name such as 'cuda:0', got "
+                         f"{type(value).__name__} {shown}")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "meta":
+        raise ValueError(f"{name}: {shown} holds no data; expected a device such as 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {shown}: no CUDA GPU is available on this machine; use 'cpu'")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {shown}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             "numbered from 0")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: {shown}: MPS is not available on this machine; use 'cpu'")
+    return device
+
+
+def _placement(model: nn.Module, device: Any, offload: Any) -> _Placement:
+    """Check ``offload`` and ``device`` (before any work) and say where things go: the offload
+    device is the model's; the compute device ``device`` (default: the model's)."""
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload: expected True or False, got {offload!r}")
+    storage = resolve_device(model_device(model), "model")
+    compute = storage if device is None else resolve_device(device)
+    if not offload and compute != storage:
+        raise ValueError(
+            f"device: the model is on {storage} and offload is off, so prune runs where the model is; move the "
+            f"model first (model.to({str(compute)!r})) or pass offload=True to keep it on {storage} and move one "
+            f"stage at a time to {compute}"
+        )
+    return _Placement(compute, storage, offload)
+
+
+def _record_io(module: nn.Module, store: list, what: str, placement: _Placement | None = None):
+    """Forward hook appending the module's input (``what='input'``) or output to ``store`` (on the
+    offload device when ``placement`` is given)."""
 
     def hook(_module, inputs, output):
-        store.append((inputs[0] if what == "input" else output).detach())
+        value = (inputs[0] if what == "input" else output).detach()
+        store.append(value if placement is None else placement.store(value))
 
     return module.register_forward_hook(hook)
 
@@ -154,29 +271,46 @@ def _by_sample(tensor: torch.Tensor, samples: int, name: str) -> torch.Tensor:
 
 
 class _StagePruner:
-    """Prunes one stage given the dense and pruned stage inputs of every batch."""
+    """Prunes one stage given the dense and pruned stage inputs of every batch.
 
-    def __init__(self, adapter: ModelAdapter, index: int, stage: Stage, budget: Budget, options: _Options) -> None:
+    With an offloading ``placement`` the inputs, call arguments, dense targets and outputs are
+    held on the offload device and each batch is fetched to the compute device when it is run;
+    :meth:`run` holds the stage on the compute device while it is calibrated, solved and cut.
+    """
+
+    def __init__(self, adapter: ModelAdapter, index: int, stage: Stage, budget: Budget, options: _Options,
+                 placement: _Placement | None = None) -> None:
         self.adapter = adapter
         self.index = index
         self.stage = stage
         self.budget = budget
         self.options = options
+        self.placement = placement if placement is not None else _Placement(torch.device("cpu"),
+                                                                             torch.device("cpu"), False)
+
+    def _run(self, hidden: torch.Tensor, call: StageCall, module: nn.Module | None = None) -> torch.Tensor:
+        """The stage's (or ``module``'s) output on one cached batch, fetched to the compute device."""
+        fetch = self.placement.fetch
+        return self.adapter.run_stage(self.stage, fetch(hidden), fetch(call), module)
 
     def dense_pass(self, dense_in: list[torch.Tensor], calls: list[StageCall]):
-        """Targets of every consumer (as rows) and the dense stage outputs, batch by batch."""
+        """Targets of every consumer (as rows) and the dense stage outputs, batch by batch; under
+        offload a copy of the dense stage is on the compute device for this pass only."""
         dense_module = copy.deepcopy(self.stage.module)
         structures = self.stage.structures(dense_module)
         targets: list[list[torch.Tensor]] = [[] for _ in structures]
         outputs = []
-        handles = [_record_io(s.consumer, store, "output") for s, store in zip(structures, targets, strict=True)]
+        placement = self.placement if self.placement.offload else None
+        handles = [_record_io(s.consumer, store, "output", placement)
+                   for s, store in zip(structures, targets, strict=True)]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.placement.stage_on_compute(dense_module, back=False):
                 for hidden, call in zip(dense_in, calls, strict=True):
-                    outputs.append(self.adapter.run_stage(self.stage, hidden, call, dense_module).detach())
+                    outputs.append(self.placement.store(self._run(hidden, call, dense_module).detach()))
         finally:
             for handle in handles:
                 handle.remove()
+        del dense_module
         return targets, outputs
 
     def calibrate(self, structure: Structure, pruned_in, calls, targets):
@@ -195,8 +329,8 @@ class _StagePruner:
         try:
             with torch.no_grad():
                 for index, (hidden, call) in enumerate(zip(pruned_in, calls, strict=True)):
-                    self.adapter.run_stage(self.stage, hidden, call)
-                    rows, target = inputs.pop(), None if targets is None else targets[index]
+                    self._run(hidden, call)
+                    rows, target = inputs.pop(), None if targets is None else self.placement.fetch(targets[index])
                     if not self.options.split:
                         x_rows = structure.input_rows(rows)
                         accumulator.add(
@@ -276,25 +410,27 @@ class _StagePruner:
         """Prune this stage; returns its records and the dense and pruned stage outputs.
 
         Under the ``pruned-input`` target no dense copy runs: ``dense_in`` and the returned dense
-        outputs are None.
+        outputs are None. Under offload the stage is on the compute device from its first
+        calibration pass to its last forward pass and back on the offload device on return.
         """
         if self.options.target == "dense-output":
             targets, dense_out = self.dense_pass(dense_in, calls)
         else:
             targets, dense_out = [None] * len(self.stage.structures(self.stage.module)), None
         records = []
-        for position in range(len(targets)):
-            record = self.prune_structure(position, pruned_in, calls, targets[position])
-            if record is not None:
-                records.append(record)
-            targets[position] = None  # free the targets of this structure
-        if not records and pruned_in is dense_in:
-            return records, dense_out, dense_out  # nothing pruned yet: both models agree
-        with torch.no_grad():
-            pruned_out = [
-                self.adapter.run_stage(self.stage, hidden, call).detach()
-                for hidden, call in zip(pruned_in, calls, strict=True)
-            ]
+        with self.placement.stage_on_compute(self.stage.module):
+            for position in range(len(targets)):
+                record = self.prune_structure(position, pruned_in, calls, targets[position])
+                if record is not None:
+                    records.append(record)
+                targets[position] = None  # free the targets of this structure
+            if not records and pruned_in is dense_in:
+                return records, dense_out, dense_out  # nothing pruned yet: both models agree
+            with torch.no_grad():
+                pruned_out = [
+                    self.placement.store(self._run(hidden, call).detach())
+                    for hidden, call in zip(pruned_in, calls, strict=True)
+                ]
         return records, dense_out, pruned_out
 
 
@@ -500,8 +636,10 @@ def _gib(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**28 else f"{count / 2**20:.0f} MiB"
 
 
-def _plan(adapter: ModelAdapter, budget: Budget, options: _Options, batches, dense_in, calls) -> Plan:
-    """Count the problems, size the memory and time one pass of the first stage."""
+def _plan(adapter: ModelAdapter, budget: Budget, options: _Options, batches, dense_in, calls,
+          placement: _Placement | None = None) -> Plan:
+    """Count the problems, size the memory and time one pass of the first stage (on the compute
+    device; ``activation_bytes`` are held on the offload device under offload)."""
     stages = adapter.stages()
     problems, largest = 0, 0
     kinds = set(budget.kinds())  # the budget's keep() is asked only when a structure is reached
@@ -513,10 +651,12 @@ def _plan(adapter: ModelAdapter, budget: Budget, options: _Options, batches, den
     copies = 2 if options.target == "dense-output" else 1
     activation_bytes = copies * sum(t.numel() * t.element_size() for t in dense_in)
     problem_bytes = (3 if options.split else 2) * 8 * largest * largest
-    start = time.perf_counter()
-    with torch.no_grad():
-        adapter.run_stage(stages[0], dense_in[0], calls[0])
-    one_pass = time.perf_counter() - start
+    placement = placement if placement is not None else _Placement(torch.device("cpu"), torch.device("cpu"), False)
+    with torch.no_grad(), placement.stage_on_compute(stages[0].module):
+        hidden, call = placement.fetch(dense_in[0]), placement.fetch(calls[0])
+        start = time.perf_counter()
+        adapter.run_stage(stages[0], hidden, call)
+        one_pass = time.perf_counter() - start
     passes_per_stage = (problems / max(len(stages), 1) + 1) + (1 if options.target == "dense-output" else 0)
     return Plan(
         samples=sum(int(b.shape[0]) for b in batches), sample_shape=list(batches[0].shape[1:]),
@@ -556,6 +696,8 @@ def prune(
     batch_size: int = 8,
     save_problems: str | Path | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    offload: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place, stage by stage, and return the per-layer report.
 
@@ -595,12 +737,25 @@ def prune(
             the budget stored as ``problem.keep``); under ``damp="auto"`` the problem the backend
             searched (fit samples, ridge 1e-2, the held-out moments attached).
         progress: show a tqdm bar over stages.
+        device: the compute device the stages run on; None: the device the model is on. Without
+            ``offload`` it must be the model's device.
+        offload: keep the model and the cached activations where the model is (the offload
+            device, normally the CPU) and move one stage at a time to ``device`` for its
+            calibration passes, solves and cuts, and back pruned; the stage inputs, call arguments
+            and dense targets move to ``device`` one batch at a time. Only the current stage, one
+            batch and that stage's statistics are on ``device``: a model larger than GPU memory
+            prunes on one GPU. ``stage_inputs`` runs with the modules outside the stages
+            (embeddings, head) on ``device``. With a :class:`CostTarget` the loss curves and cost
+            tables are computed where the model is; a ``speedup`` target (latency measured on the
+            compute device) is refused when that differs from it. On one device the result is
+            the same as without it.
     """
     from tqdm.auto import tqdm
 
     from osscar_opt import backends
 
     adapter = adapter_for(model)
+    placement = _placement(model, device, offload)
     budget = as_budget(budgets)
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise ValueError(f"backend_options: expected a mapping of option names to values, got {backend_options!r}")
@@ -616,6 +771,13 @@ def prune(
         raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
     backends.get(backend)  # an unknown backend fails before any forward pass
     _check_kinds(adapter, budget)
+    if placement.offload and placement.compute != placement.storage and isinstance(budget, CostTarget) \
+            and budget.metric == "speedup":
+        raise ValueError(
+            f"offload: a speedup target measures latency on the device the stages run on ({placement.compute}), "
+            f"but with offload its latency tables would be measured where the model is ({placement.storage}); "
+            "use a macs or params target with offload, or prune without offload"
+        )
     batches = adapter.calibration_batches(calibration, batch_size)
     samples = sum(int(batch.shape[0]) for batch in batches)
     if damp == "auto" and samples < HELDOUT_EVERY:
@@ -644,11 +806,13 @@ def prune(
         "refit_bias": options.refit_bias, "damp": options.damp, "target": target, "objective": objective,
         "samples": samples,
         "sample_shape": list(batches[0].shape[1:]),
+        "offload": placement.offload, "device": str(placement.compute),
     })
     try:
-        with torch.no_grad():
-            dense_in, calls = adapter.stage_inputs(batches)
-        plan = _plan(adapter, budget, options, batches, dense_in, calls)
+        with torch.no_grad(), placement.outside_stages_on_compute(adapter):
+            dense_in, calls = adapter.stage_inputs([placement.fetch(batch) for batch in batches])
+        dense_in, calls = placement.store(dense_in), placement.store(calls)
+        plan = _plan(adapter, budget, options, batches, dense_in, calls, placement)
         report.settings["plan"] = asdict(plan)
         if progress:
             tqdm.write(plan.describe())
@@ -664,7 +828,7 @@ def prune(
         for index in tqdm(range(len(stages)), desc="pruning", unit="stage", disable=not progress):
             if allocator is not None and budget.reallocate and index > 0:
                 allocator.reallocate(index, stages[index], pruned_in)
-            pruner = _StagePruner(adapter, index, stages[index], budget, options)
+            pruner = _StagePruner(adapter, index, stages[index], budget, options, placement)
             try:
                 records, dense_in, pruned_in = pruner.run(dense_in, pruned_in, calls)
             except BaseException:
@@ -691,12 +855,25 @@ def prune_vision(
     *,
     device: torch.device | str | None = None,
     batch_size: int = 32,
+    offload: bool = False,
     **options: Any,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`prune` on a deep copy of ``model`` (moved to ``device`` when given); the original is
-    left alone. Returns ``(pruned copy in eval mode, report)``. ``budgets`` is e.g. ``{"channels": 0.3}``."""
+    left alone. Returns ``(pruned copy in eval mode, report)``. ``budgets`` is e.g. ``{"channels": 0.3}``.
+
+    With ``offload=True`` the copy is kept on the CPU (the offload device) and ``device`` (default:
+    the device ``model`` is on) is the compute device each stage moves to; the pruned copy is
+    returned on the CPU."""
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload: expected True or False, got {offload!r}")
+    if offload:
+        compute = model_device(model) if device is None else resolve_device(device)
+        pruned = copy.deepcopy(model).to(torch.device("cpu"))
+        report = prune(pruned, calibration_images, budgets, batch_size=batch_size, device=compute, offload=True,
+                       **options)
+        return pruned.eval(), report
     pruned = copy.deepcopy(model)
     if device is not None:
-        pruned = pruned.to(torch.device(device))
+        pruned = pruned.to(resolve_device(device))
     report = prune(pruned, calibration_images, budgets, batch_size=batch_size, **options)
     return pruned.eval(), report

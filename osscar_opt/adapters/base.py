@@ -47,6 +47,39 @@ class StageCall:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def to(self, device: torch.device | str) -> StageCall:
+        """This call with every tensor in its arguments on ``device`` (see :func:`to_device`)."""
+        return to_device(self, device)
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it: a tensor, a :class:`StageCall`, or
+    tuples, lists and dicts of them (nested); anything else (None, flags, cache objects) is
+    returned as it is. Containers are rebuilt only when a tensor in them changed, so with an
+    ``fn`` that returns its argument (``t.to(device)`` on the tensor's own device) the result is
+    ``value`` itself."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, StageCall):
+        args, kwargs = map_tensors(value.args, fn), map_tensors(value.kwargs, fn)
+        return value if args is value.args and kwargs is value.kwargs else StageCall(args, kwargs)
+    if isinstance(value, tuple | list):
+        items = [map_tensors(item, fn) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    if isinstance(value, dict):
+        items = {key: map_tensors(item, fn) for key, item in value.items()}
+        return value if all(items[key] is item for key, item in value.items()) else items
+    return value
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` (a tensor, a :class:`StageCall`, or tuples, lists and dicts of them) with every
+    tensor moved to ``device``; the cached stage inputs and call arguments of an offloaded prune
+    are moved this way between the offload and the compute device."""
+    return map_tensors(value, lambda tensor: tensor.to(device))
+
 
 def size_setter(module: nn.Module, **per_group: int) -> Callable[[int], None]:
     """``on_resize`` for a structure: after surgery sets ``module.<name> = keep * per_group[name]``.
@@ -131,6 +164,13 @@ class ModelAdapter:
     def structures(self) -> list[Structure]:
         """Every prunable structure of the model, in pruning order."""
         return [structure for stage in self.stages() for structure in stage.structures(stage.module)]
+
+    def outside_stages(self) -> list[nn.Module]:
+        """The model's modules that belong to no stage (embeddings, final norm, head, pooling): under
+        ``offload`` their own parameters and buffers move to the compute device while
+        :meth:`stage_inputs` runs, and back after."""
+        inside = {id(module) for stage in self.stages() for module in stage.module.modules()}
+        return [module for module in self.model.modules() if id(module) not in inside]
 
     def qualified_name(self, module: nn.Module) -> str:
         """The name of ``module`` inside the model."""

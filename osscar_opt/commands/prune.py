@@ -54,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"samples per forward pass (default {DEFAULT_BATCH_SIZE})")
     add_runtime_arguments(parser)
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the model on the CPU and move one block (stage) at a time to --device (default: "
+                        "cuda if available) for its calibration passes and solves: prunes a model larger than GPU "
+                        "memory; the before/after evaluation then runs on the CPU (--no-eval skips it)")
     parser.add_argument("--calib-text", default=None, help="calibration text file (or dataset name when online)")
     parser.add_argument("--eval-text", default=None, help="evaluation text file (or dataset name when online)")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
@@ -79,6 +83,18 @@ def _check_common(args: argparse.Namespace) -> None:
             positive_int(getattr(args, name), name)
     # an unknown backend, option name or option value fails before any model is loaded
     check_backend(args.backend, parse_backend_options(args.backend_option))
+    if getattr(args, "offload", False) and getattr(args, "target_speedup", None) is not None:
+        from torch import device as torch_device
+
+        from osscar_opt.adapters.registry import vision_architectures
+        from osscar_opt.models import parse_device
+
+        compute = torch_device(args.device or "cpu") if args.model in vision_architectures() else parse_device(
+            args.device)
+        if compute.type != "cpu":
+            raise ValueError("--offload: --target-speedup measures latency on the device the blocks run on, which "
+                             "offload does not hold the model on; use --target-macs / --target-params with "
+                             "--offload, or prune without it")
     if args.plot and args.report is None:
         raise ValueError("--plot: the PNGs are written beside the report; give --report PATH too")
     # every output path is checked before any work: a folder where a file goes, a file where a folder
@@ -173,13 +189,25 @@ def _transformer_budgets(args: argparse.Namespace):
 
 
 def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
-    """Keyword arguments of :func:`osscar_opt.pipeline.prune` from the shared flags."""
-    return {
+    """Keyword arguments of :func:`osscar_opt.pipeline.prune` from the shared flags; with
+    ``--offload`` also the compute device (``--device``, default cuda if available)."""
+    options = {
         "backend": args.backend, "backend_options": parse_backend_options(args.backend_option),
         "refit_bias": args.refit_bias, "damp": args.damp, "target": args.target,
         "objective": args.objective, "batch_size": batch_size,
         "save_problems": args.save_problems, "progress": not args.quiet,
     }
+    if getattr(args, "offload", False):
+        from osscar_opt.models import parse_device
+
+        options.update(offload=True, device=str(parse_device(args.device)))
+    return options
+
+
+def _load_device(args: argparse.Namespace) -> str | None:
+    """Where the model is loaded: the CPU under ``--offload`` (stages move to ``--device`` one at a
+    time), else ``--device``."""
+    return "cpu" if getattr(args, "offload", False) else args.device
 
 
 def _uniform_widths(budgets: Any, adapter: Any, heads_given: bool) -> Any:
@@ -224,7 +252,7 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     budgets = _transformer_budgets(args)
     _check_common(args)
     _progress(f"loading {args.model or models.DEFAULT_MODEL} ...", args.quiet)
-    loaded = models.load_model(args.model, args.device, args.dtype)
+    loaded = models.load_model(args.model, _load_device(args), args.dtype)
     adapter = adapter_for(loaded.model)
     if args.uniform_widths:
         budgets = _uniform_widths(budgets, adapter, args.heads_sparsity is not None or args.target_kinds is not None)
@@ -330,10 +358,10 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
         document["train_seconds"] = trained["train_seconds"]
     train_split, test_split = digits.digits(image_size=image_size)
     images = torchvision_io.load_images(args.calibration_images) if args.calibration_images else train_split.images
-    pruned, report = prune_vision(
-        model, images[: args.samples or DEFAULT_SAMPLES], budgets,
-        **_prune_options(args, args.batch_size or DEFAULT_IMAGE_BATCH_SIZE),
-    )
+    options = _prune_options(args, args.batch_size or DEFAULT_IMAGE_BATCH_SIZE)
+    if options.get("offload"):  # the copy is pruned on the CPU, one stage at a time on the model's device
+        options["device"] = str(device)
+    pruned, report = prune_vision(model, images[: args.samples or DEFAULT_SAMPLES], budgets, **options)
     document.update(report.to_dict())
     document["channels_before"] = sum(adapter_for(model).internal_channels().values())
     document["channels_after"] = sum(adapter_for(pruned).internal_channels().values())
