@@ -46,6 +46,7 @@ from osscar_opt.costs import StageCoster, model_cost
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
 from osscar_opt.formulations.surgery import apply_solution
+from osscar_opt.problem import LayerProblem
 from osscar_opt.solving import solve
 
 
@@ -434,6 +435,10 @@ class _StagePruner:
         return records, dense_out, pruned_out
 
 
+CURVE_BATCH_BYTES = 1 << 30
+"""With a curve executor, queued problems are sent once their ``H`` and ``G`` hold more than this."""
+
+
 class _Allocator:
     """Chooses every structure's keep for a :class:`CostTarget` (docs/architecture.md, "Targets").
 
@@ -442,49 +447,90 @@ class _Allocator:
     dynamic program of :mod:`osscar_opt.allocate`. With ``reallocate``, each stage's curves are
     recomputed on the pruned model's inputs just before it is pruned and the budget left is
     allocated again over the stages not yet pruned.
+
+    The curves are computed in this process, or, with an ``executor`` (:mod:`osscar_opt.batch`),
+    spread over its workers: the problems of the pass are collected (sent when they hold more than
+    ``CURVE_BATCH_BYTES``) and their curves computed as one batch. Under offload each stage runs on
+    the compute device for its pass, like :class:`_StagePruner`.
     """
 
-    def __init__(self, adapter: ModelAdapter, target: CostTarget, options: _Options, batches, calls) -> None:
+    def __init__(self, adapter: ModelAdapter, target: CostTarget, options: _Options, batches, calls,
+                 placement: _Placement | None = None, executor: Any = None) -> None:
         self.adapter = adapter
         self.target = target
         self.options = options
         self.batches = batches
         self.calls = calls
+        self.placement = placement if placement is not None else _Placement(torch.device("cpu"),
+                                                                             torch.device("cpu"), False)
+        self.executor = executor
         self.metric = target.cost_metric
         self.choices: dict[str, tuple[int, Choices, Curve]] = {}
         self.pairs: dict[tuple[str, str], float] = {}  # interacting structures of one stage -> delta
+        self.pending: list[tuple[int, Structure, LayerProblem, list[int], int, list[float], float, float]] = []
+        self.pending_bytes = 0
         self.dense_cost = 0.0
         self.capacity = 0.0
         self.seconds = 0.0
 
     def stage_choices(self, index: int, stage: Stage, hidden: list[torch.Tensor], costs: bool = True) -> list:
         """Curves (and, with ``costs``, cost tables) of ``stage``'s targeted structures on ``hidden``;
-        returns the stage's outputs on ``hidden`` (their energy normalizes the ``stage`` curves)."""
-        outputs = [self.adapter.run_stage(stage, h, c).detach() for h, c in zip(hidden, self.calls, strict=True)]
-        samples = sum(int(h.shape[0]) for h in hidden)
-        stage_energy = sum(float(y.double().square().sum()) for y in outputs)
-        pruner = _StagePruner(self.adapter, index, stage, self.target, self.options)
-        coster = StageCoster(self.adapter, stage, hidden[0], self.calls[0], self.metric,
-                             cache=self.target.latency_cache) if costs else None
-        for position, structure in enumerate(stage.structures(stage.module)):
-            if structure.kind not in self.target.kinds():
-                continue
-            n = structure.num_groups
-            keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
-            table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
-            problem, _, _ = pruner.build_problem(structure, hidden, self.calls, None)
-            swaps = self.target.curve_swaps
-            if swaps is None:
-                swaps = DEFAULT_CURVE_SWAPS if n <= SMALL_PROBLEM_GROUPS else 0
-            curve = loss_curve(problem, keeps, swaps=swaps, name=structure.name, kind=structure.kind)
-            layer_energy = problem.y_square + (problem.heldout.y_square if problem.heldout is not None else 0.0)
-            normalize(curve, self.target.normalize, layer_energy=layer_energy / samples,
-                      stage_energy=stage_energy / samples)
-            self.choices[structure.name] = (index, Choices(structure.name, structure.kind, keeps, curve.losses, table),
-                                            curve)
-        if coster is not None:
-            self._measure_interactions(stage, coster)
+        returns the stage's outputs on ``hidden`` (their energy normalizes the ``stage`` curves).
+        With an executor the curves are queued (:meth:`finish_curves` computes them)."""
+        fetch = self.placement.fetch
+        with self.placement.stage_on_compute(stage.module):
+            outputs = [self.placement.store(self.adapter.run_stage(stage, fetch(h), fetch(c)).detach())
+                       for h, c in zip(hidden, self.calls, strict=True)]
+            samples = sum(int(h.shape[0]) for h in hidden)
+            stage_energy = sum(float(y.double().square().sum()) for y in outputs)
+            pruner = _StagePruner(self.adapter, index, stage, self.target, self.options, self.placement)
+            coster = StageCoster(self.adapter, stage, fetch(hidden[0]), fetch(self.calls[0]), self.metric,
+                                 cache=self.target.latency_cache) if costs else None
+            for position, structure in enumerate(stage.structures(stage.module)):
+                if structure.kind not in self.target.kinds():
+                    continue
+                n = structure.num_groups
+                keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
+                table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
+                problem, _, _ = pruner.build_problem(structure, hidden, self.calls, None)
+                swaps = self.target.curve_swaps
+                if swaps is None:
+                    swaps = DEFAULT_CURVE_SWAPS if n <= SMALL_PROBLEM_GROUPS else 0
+                layer_energy = problem.y_square + (problem.heldout.y_square if problem.heldout is not None else 0.0)
+                if self.executor is not None:
+                    problem = problem.to("cpu")
+                    self.pending_bytes += 8 * problem.num_columns * (problem.num_columns + problem.num_outputs)
+                self.pending.append((index, structure, problem, keeps, swaps, table, layer_energy / samples,
+                                     stage_energy / samples))
+                if self.executor is None or self.pending_bytes > CURVE_BATCH_BYTES:
+                    self.finish_curves()
+            if coster is not None:
+                self._measure_interactions(stage, coster)
         return outputs
+
+    def finish_curves(self) -> None:
+        """Compute the queued curves (in this process, or as one batch on the executor) and record
+        each structure's choices."""
+        if not self.pending:
+            return
+        if self.executor is None:
+            curves = [loss_curve(problem, keeps, swaps=swaps, name=structure.name, kind=structure.kind)
+                      for _, structure, problem, keeps, swaps, *_ in self.pending]
+        else:
+            from osscar_opt.batch import curves_many
+
+            rows = curves_many([item[2] for item in self.pending], [item[3] for item in self.pending],
+                               [item[4] for item in self.pending], executor=self.executor)
+            curves = [Curve(name=structure.name, kind=structure.kind, num_groups=problem.num_groups,
+                            keeps=row["keeps"], relative=row["relative"],
+                            supports=[tuple(s) for s in row["supports"]], heldout=row["heldout"])
+                      for (_, structure, problem, *_), row in zip(self.pending, rows, strict=True)]
+        for (index, structure, _, keeps, _, table, layer_energy, stage_energy), curve in zip(self.pending, curves,
+                                                                                            strict=True):
+            normalize(curve, self.target.normalize, layer_energy=layer_energy, stage_energy=stage_energy)
+            self.choices[structure.name] = (index, Choices(structure.name, structure.kind, keeps, curve.losses,
+                                                           table), curve)
+        self.pending, self.pending_bytes = [], 0
 
     def _measure_interactions(self, stage: Stage, coster: StageCoster) -> None:
         """Bilinear cost terms between the targeted structures of one stage (exact MACs/params)."""
@@ -518,6 +564,7 @@ class _Allocator:
         with torch.no_grad():
             for index in tqdm(range(len(stages)), desc="loss curves", unit="stage", disable=not progress):
                 hidden = self.stage_choices(index, stages[index], hidden)
+            self.finish_curves()
         if not self.choices:
             raise ValueError(f"budgets: the target prunes {sorted(self.target.kinds())}, which this model lacks")
         self._allocate(0)
@@ -531,6 +578,7 @@ class _Allocator:
         start = time.perf_counter()
         with torch.no_grad():
             self.stage_choices(index, stage, pruned_in, costs=False)
+            self.finish_curves()
         self._allocate(index)
         self.seconds += time.perf_counter() - start
 
@@ -698,6 +746,8 @@ def prune(
     progress: bool = True,
     device: torch.device | str | None = None,
     offload: bool = False,
+    executor: Any = None,
+    workers: int | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, stage by stage, and return the per-layer report.
 
@@ -749,6 +799,10 @@ def prune(
             tables are computed where the model is; a ``speedup`` target (latency measured on the
             compute device) is refused when that differs from it. On one device the result is
             the same as without it.
+        executor, workers: where the loss curves of a :class:`CostTarget` are computed: None (this
+            process, one after another) or an executor of :mod:`osscar_opt.batch` ("processes",
+            "ray" or an :class:`~osscar_opt.executors.Executor`) with ``workers`` workers; the
+            curves of the whole pass then run as one batch spread over the workers.
     """
     from tqdm.auto import tqdm
 
@@ -778,6 +832,9 @@ def prune(
             f"but with offload its latency tables would be measured where the model is ({placement.storage}); "
             "use a macs or params target with offload, or prune without offload"
         )
+    if (executor is not None or workers is not None) and not isinstance(budget, CostTarget):
+        raise ValueError("executor: only a CostTarget computes loss curves to spread over workers; with fixed "
+                         "budgets give neither executor nor workers")
     batches = adapter.calibration_batches(calibration, batch_size)
     samples = sum(int(batch.shape[0]) for batch in batches)
     if damp == "auto" and samples < HELDOUT_EVERY:
@@ -796,6 +853,12 @@ def prune(
             "osscar_opt is writing layer problems here; this file is removed when the prune finishes. If it is "
             "still here, the prune was interrupted and the folder holds the problems of the first stages only.\n"
         )
+    curve_executor = None
+    if executor is not None or workers is not None:
+        from osscar_opt.executors import Executor, make_executor
+
+        curve_executor = executor if isinstance(executor, Executor) else make_executor(
+            executor or "processes", workers)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -807,6 +870,7 @@ def prune(
         "samples": samples,
         "sample_shape": list(batches[0].shape[1:]),
         "offload": placement.offload, "device": str(placement.compute),
+        "curve_executor": None if curve_executor is None else curve_executor.describe(),
     })
     try:
         with torch.no_grad(), placement.outside_stages_on_compute(adapter):
@@ -818,7 +882,7 @@ def prune(
             tqdm.write(plan.describe())
         allocator = None
         if isinstance(budget, CostTarget):
-            allocator = _Allocator(adapter, budget, options, batches, calls)
+            allocator = _Allocator(adapter, budget, options, batches, calls, placement, curve_executor)
             allocator.initial(dense_in, progress)
             report.settings["allocation"] = allocator.summary()
         pruned_in = dense_in
@@ -844,6 +908,8 @@ def prune(
             (options.save_problems / INCOMPLETE_MARKER).unlink(missing_ok=True)
     finally:
         model.train(was_training)
+        if curve_executor is not None and curve_executor is not executor:
+            curve_executor.close()
     report.seconds = time.perf_counter() - start
     return report
 

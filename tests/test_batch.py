@@ -16,6 +16,7 @@ from osscar_opt.curves import loss_curve
 from osscar_opt.executors import make_executor
 from osscar_opt.executors.processes import ProcessExecutor
 from tests.helpers import random_problem
+from tests.test_cli_prune_eval_solve import tiny_bert_folder  # noqa: F401 - the shared fixture
 
 HAS_RAY = __import__("importlib").util.find_spec("ray") is not None
 
@@ -311,3 +312,49 @@ def test_a_killed_ray_worker_is_retried_and_every_result_is_there_once(ray_clust
     assert [row["status"] for row in rows] == ["heuristic"] * 8
     keys = [json.loads(line)["key"] for line in results.read_text().splitlines()[1:]]
     assert len(keys) == len(set(keys)) == 8
+
+
+# ---------------------------------------------------------------- a model's loss curves on workers
+
+
+def test_a_cost_target_allocates_the_same_with_its_curves_on_workers():
+    import torch
+
+    from osscar_opt.budget import CostTarget
+    from osscar_opt.pipeline import prune
+    from tests.tiny_models import build, calibration
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each: the same sums, the same curves
+    try:
+        reports = {}
+        for executor in (None, "processes"):
+            model = build("llama")
+            reports[executor] = prune(model, calibration("llama"), CostTarget("params", 0.7), progress=False,
+                                      executor=executor, workers=2 if executor else None)
+    finally:
+        torch.set_num_threads(threads)
+    serial, spread = reports[None], reports["processes"]
+    assert spread.settings["allocation"]["keep"] == serial.settings["allocation"]["keep"]
+    assert [(r.name, r.kept, r.loss) for r in spread.layers] == [(r.name, r.kept, r.loss) for r in serial.layers]
+    assert spread.settings["curve_executor"] == "processes (2 workers)"
+
+
+def test_workers_without_a_cost_target_are_refused():
+    from osscar_opt.pipeline import prune
+    from tests.tiny_models import budgets, build, calibration
+
+    with pytest.raises(ValueError, match="executor: only a CostTarget computes loss curves"):
+        prune(build("llama"), calibration("llama"), budgets("llama", 0.5), workers=2, progress=False)
+
+
+def test_prune_command_spreads_a_target_s_loss_curves_over_workers(tiny_bert_folder, tmp_path, capsys):  # noqa: F811
+    report = tmp_path / "report.json"
+    argv = ["prune", "--model", str(tiny_bert_folder), "--target-macs", "0.8", "--samples", "8", "--seq-len", "16",
+            "--batch-size", "4", "--quiet", "--no-eval", "--damp", "0.01", "--workers", "2", "--report", str(report)]
+    assert cli.main(argv) == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["curve_executor"] == "processes (2 workers)" and settings["allocation"]["keep"]
+    argv = ["prune", "--model", str(tiny_bert_folder), "--quiet", "--no-eval", "--workers", "2"]
+    assert cli.main(argv) == 2
+    assert "--workers: applies only with --target-macs" in capsys.readouterr().err

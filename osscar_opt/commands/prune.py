@@ -95,6 +95,15 @@ def _check_common(args: argparse.Namespace) -> None:
             raise ValueError("--offload: --target-speedup measures latency on the device the blocks run on, which "
                              "offload does not hold the model on; use --target-macs / --target-params with "
                              "--offload, or prune without it")
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        raise ValueError(f"--workers: expected a positive number of workers, got {args.workers}")
+    if getattr(args, "ray", None) not in (None, "auto"):
+        from osscar_opt.executors.ray_tasks import probe
+
+        try:
+            probe(args.ray)  # an unreachable cluster fails before the model is loaded
+        except ValueError as exc:
+            raise ValueError("--ray:" + str(exc).removeprefix("address:")) from None
     if args.plot and args.report is None:
         raise ValueError("--plot: the PNGs are written beside the report; give --report PATH too")
     # every output path is checked before any work: a folder where a file goes, a file where a folder
@@ -137,6 +146,11 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reallocate", action="store_true",
                         help="with a target: re-allocate the remaining budget after each block from curves on the "
                         "pruned model's inputs")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="with a target: compute the loss curves on this many local worker processes")
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="with a target: compute the loss curves as Ray tasks ('auto': a local cluster or "
+                        "RAY_ADDRESS's; host:port or ray://host:port; needs pip install 'osscar-opt[ray]')")
 
 
 def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
@@ -165,7 +179,7 @@ def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
 def _check_target_flags(args: argparse.Namespace, target) -> None:
     if target is None:
         for flag, default in (("target_kinds", None), ("min_keep", 0.0), ("normalize", DEFAULT_NORMALIZATION),
-                              ("reallocate", False)):
+                              ("reallocate", False), ("workers", None), ("ray", None)):
             if getattr(args, flag) != default:
                 raise ValueError(f"--{flag.replace('_', '-')}: applies only with --target-macs, --target-params "
                                  "or --target-speedup")
@@ -201,7 +215,22 @@ def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
         from osscar_opt.models import parse_device
 
         options.update(offload=True, device=str(parse_device(args.device)))
+    if getattr(args, "workers", None) is not None or getattr(args, "ray", None) is not None:
+        options["executor"] = curve_executor(args)
     return options
+
+
+def curve_executor(args: argparse.Namespace):
+    """The executor of ``--workers`` / ``--ray`` for the loss curves, checked and connected
+    (an unreachable --ray address fails here, before the model is loaded)."""
+    from osscar_opt.executors import make_executor
+
+    if args.ray is not None:
+        try:
+            return make_executor("ray", args.workers, address=None if args.ray == "auto" else args.ray)
+        except ValueError as exc:
+            raise ValueError("--ray:" + str(exc).removeprefix("address:")) from None
+    return make_executor("processes", args.workers)
 
 
 def _load_device(args: argparse.Namespace) -> str | None:
@@ -270,7 +299,12 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
         texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
         eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
         before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
-    report = prune(loaded.model, calibration, budgets, **_prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE))
+    options = _prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE)
+    try:
+        report = prune(loaded.model, calibration, budgets, **options)
+    finally:
+        if options.get("executor") is not None:
+            options["executor"].close()
     document: dict[str, Any] = {"model": loaded.name, "note": loaded.note, **report.to_dict()}
     print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}; {_settings_line(report)}")
     if loaded.note:
@@ -361,7 +395,11 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
     options = _prune_options(args, args.batch_size or DEFAULT_IMAGE_BATCH_SIZE)
     if options.get("offload"):  # the copy is pruned on the CPU, one stage at a time on the model's device
         options["device"] = str(device)
-    pruned, report = prune_vision(model, images[: args.samples or DEFAULT_SAMPLES], budgets, **options)
+    try:
+        pruned, report = prune_vision(model, images[: args.samples or DEFAULT_SAMPLES], budgets, **options)
+    finally:
+        if options.get("executor") is not None:
+            options["executor"].close()
     document.update(report.to_dict())
     document["channels_before"] = sum(adapter_for(model).internal_channels().values())
     document["channels_after"] = sum(adapter_for(pruned).internal_channels().values())
