@@ -14,6 +14,7 @@ HAS_GUROBI = importlib.util.find_spec("gurobipy") is not None
 HAS_SCIP = importlib.util.find_spec("pyscipopt") is not None and importlib.util.find_spec("cvxpy") is not None
 needs_gurobi = pytest.mark.skipif(not HAS_GUROBI, reason="gurobipy is not installed")
 needs_scip = pytest.mark.skipif(not HAS_SCIP, reason="cvxpy with SCIP (pyscipopt) is not installed")
+needs_pyscipopt = pytest.mark.skipif(importlib.util.find_spec("pyscipopt") is None, reason="pyscipopt is not installed")
 
 # (group size, groups, outputs): size-8 problems stay under the 200-variable quadratic limit of
 # the pip Gurobi licence in the MIQP form (5 * 8 * 3 + 2 * 5 = 130 variables).
@@ -23,6 +24,7 @@ COMBOS = [
     pytest.param("gurobi", "miqp", marks=needs_gurobi, id="gurobi-miqp"),
     pytest.param("cvxpy", "outer-approximation", marks=needs_scip, id="cvxpy-oa"),
     pytest.param("cvxpy", "miqp", marks=needs_scip, id="cvxpy-miqp"),
+    pytest.param("scip", "outer-approximation", marks=needs_pyscipopt, id="scip-oa"),
 ]
 
 

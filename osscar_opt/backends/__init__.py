@@ -24,6 +24,7 @@ _BUILTIN: dict[str, str] = {
     "enumerate": "osscar_opt.backends.enumerate:EnumerateBackend",
     "gurobi": "osscar_opt.backends.gurobi:GurobiBackend",
     "cvxpy": "osscar_opt.backends.cvxpy:CvxpyBackend",
+    "scip": "osscar_opt.backends.scip:ScipBackend",
 }
 _REGISTERED: dict[str, type[Backend]] = {}
 _entry_points_loaded = False

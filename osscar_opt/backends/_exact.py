@@ -1,6 +1,6 @@
-"""Pieces shared by the exact backends (``gurobi``, ``cvxpy``): options, warm start, incumbents.
+"""Pieces shared by the exact backends (``scip``, ``gurobi``, ``cvxpy``): options, warm start, incumbents.
 
-Both backends solve one of two formulations of the same problem (docs/architecture.md,
+They solve one of two formulations of the same problem (docs/architecture.md,
 "Exact formulations"; the math is in :mod:`osscar_opt.relaxation`):
 
 - ``"outer-approximation"``: binaries ``z`` and one epigraph variable ``eta`` with cuts
@@ -59,7 +59,7 @@ def check_gap(options: dict[str, Any], default: float = 1e-6) -> float:
 
 @dataclass(frozen=True)
 class CommonOptions:
-    """The options both exact backends take, checked."""
+    """The options every exact backend takes, checked."""
 
     formulation: str
     time_limit: float | None

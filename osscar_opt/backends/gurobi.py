@@ -50,9 +50,9 @@ def size_limit_message(formulation: str, variables: int, constraints: int, quadr
     kind = "with quadratic terms" if quadratic else "linear"
     advice = (
         "use formulation='outer-approximation' (one binary per group plus one variable, no quadratic terms; "
-        f"fits this licence up to {LINEAR_LIMIT - 1} groups), or the 'cvxpy' backend with solver SCIP (no size "
+        f"fits this licence up to {LINEAR_LIMIT - 1} groups), or the 'scip' backend (open source, no size "
         "limit)" if formulation == "miqp" else
-        "use the 'cvxpy' backend with solver SCIP (open source, no size limit), or osscar_opt.certify for a bound"
+        "use the 'scip' backend (open source, no size limit), or osscar_opt.certify for a bound"
     )
     return (
         f"Gurobi error {SIZE_LIMIT_ERROR}: model too large for the size-limited licence that ships with the "

@@ -2,7 +2,7 @@
 
 For every saved :class:`~osscar_opt.problem.LayerProblem` and every budget: the heuristic
 (``--heuristic``, default local-search) loss, the certified relaxation bound (``--shift``), and
-for every ``--backend`` (default gurobi and cvxpy, outer approximation) the exact loss, its bound,
+for every ``--backend`` (default scip and gurobi, outer approximation) the exact loss, its bound,
 status and seconds. ``--time-limit`` is a wall-clock limit on each exact backend call. A backend
 that fails on a layer (e.g. the Gurobi size limit) gets its error in the row instead of stopping
 the run.
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fraction of groups removed in every problem (the pipeline's budget rule)")
     parser.add_argument("--heuristic", default="local-search", help="heuristic backend (default local-search)")
     parser.add_argument("--backend", action="append", default=None, metavar="NAME[:FORMULATION]",
-                        help="exact backend, repeatable (default: gurobi and cvxpy, outer-approximation); "
+                        help="exact backend, repeatable (default: scip and gurobi, outer-approximation); "
                         "'none' for bounds only")
     parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option for the exact backends, repeatable (e.g. time_limit=60)")
@@ -83,8 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _backends(items: list[str] | None) -> list[tuple[str, str]]:
-    if items is None:
-        return [("gurobi", "outer-approximation"), ("cvxpy", "outer-approximation")]
+    if items is None:  # scip: the open one-tree branch-and-cut; gurobi where installed
+        return [("scip", "outer-approximation"), ("gurobi", "outer-approximation")]
     if items == ["none"]:
         return []
     result = []
@@ -326,8 +326,8 @@ def run(args: argparse.Namespace) -> int:
             check_backend(name, given, installed=args.backend is not None, formulation=formulation)
         except ValueError as exc:
             if args.backend is None and str(exc).startswith("options:"):
-                raise ValueError(f"{exc} (--backend-option goes to every exact backend: the defaults are gurobi "
-                                 "and cvxpy; name the ones you want with --backend)") from None
+                raise ValueError(f"{exc} (--backend-option goes to every exact backend: the defaults are scip "
+                                 "and gurobi; name the ones you want with --backend)") from None
             raise
     options = {"time_limit": args.time_limit}
     options.update(given)
