@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from osscar_opt import solve
+from osscar_opt.backends import _lowrank
+from osscar_opt.backends._lowrank import KeptSet
+from osscar_opt.backends._search import stage_sizes, staged_removal
 from tests.helpers import random_problem
 
 HEURISTICS = ("local-search", "greedy", "activation", "magnitude")
@@ -160,3 +163,57 @@ def test_oversized_swap_size_is_clamped_to_the_sides():
     solution = solve(problem, 8, backend="local-search", swap_size=50)
     assert len(solution.support) == 8
     assert solution.loss <= solve(problem, 8, backend="greedy").loss * (1 + 1e-9)
+
+
+WIDE_CASES = {
+    "300 single columns": ([1] * 300, 150),
+    "300 single columns, keep 60": ([1] * 300, 60),
+    "96 groups of 3": ([3] * 96, 40),
+    "mixed sizes": ([1, 2, 4] * 50, 70),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDE_CASES), ids=list(WIDE_CASES))
+def test_local_search_is_never_worse_than_greedy_on_wider_layers(case):
+    """Problems above the small-problem size (no restarts) where swap batches of size > 1 run."""
+    sizes, keep = WIDE_CASES[case]
+    for seed in (0, 1):
+        problem = random_problem(sizes, outputs=16, seed=seed, rows=500, rank=40, noise=0.2)
+        local = solve(problem, keep, backend="local-search")
+        greedy = solve(problem, keep, backend="greedy")
+        assert local.loss <= greedy.loss * (1 + 1e-9), f"seed {seed}: {local.loss} > greedy {greedy.loss}"
+
+
+@pytest.mark.parametrize("case", list(WIDE_CASES), ids=list(WIDE_CASES))
+def test_blocked_inverse_path_gives_the_same_support_and_loss(case, monkeypatch):
+    """The GEMM-blocked SPD inverse (used from BLOCKED_INVERSE_MIN columns on, forced here) leads
+    local search and greedy to the same supports as cholesky_inverse."""
+    sizes, keep = WIDE_CASES[case]
+    problem = random_problem(sizes, outputs=16, seed=3, rows=500, rank=40, noise=0.2)
+    results = []
+    for minimum in (10**9, 16):
+        monkeypatch.setattr(_lowrank, "BLOCKED_INVERSE_MIN", minimum)
+        monkeypatch.setattr(_lowrank, "_BLOCKED_INVERSE_LEAF", 16)
+        results.append([solve(problem, keep, backend=name) for name in ("local-search", "greedy")])
+    for reference, blocked in zip(*results, strict=True):
+        assert blocked.support == reference.support
+        assert blocked.loss == pytest.approx(reference.loss, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_staged_removal_takes_the_from_scratch_smallest_scores(seed):
+    """Each stage removes the groups whose single removal costs least, scored from scratch by
+    re-fitting (the low-rank scores and blocked downdates must make the same decisions)."""
+    problem = random_problem([1, 2] * 15, outputs=6, seed=seed, rows=300, rank=8, noise=0.2)
+    keep, stages = 9, 4
+    state = KeptSet(problem, range(problem.num_groups))
+    dead = torch.zeros(problem.num_groups, dtype=torch.bool)
+    path = staged_removal(state, keep, stages, dead, None)
+    support = list(range(problem.num_groups))
+    for count, point in zip(stage_sizes(problem.num_groups - keep, stages), path[1:], strict=True):
+        base = problem.loss(support)
+        scores = {g: problem.loss([h for h in support if h != g]) - base for g in support}
+        removed = sorted(scores, key=scores.get)[:count]
+        support = [g for g in support if g not in removed]
+        assert list(point.support) == support
+        assert point.loss == pytest.approx(problem.loss(support), rel=1e-9)
