@@ -6,7 +6,10 @@ projection) times 3 budgets (keep 75%, 50%, 25% of the groups) times 3 backends 
 greedy, activation), on ``serial`` and on ``processes`` and ``ray`` with 1 and 2 workers, through
 ``osscar_opt.batch``. Reported: wall time (executor start-up included), throughput against
 serial in the same run, overhead per task ((wall x workers - summed task time) / tasks), and
-whether every row equals the serial one (same support and loss).
+whether every row equals the serial one (same support; the largest relative loss difference, which
+is round-off when the thread counts differ). Serial runs twice: on the default torch threads (all
+cores: BLAS already uses both cores of this machine inside one task) and on one thread (what each
+worker gets when there are as many workers as cores).
 
 Part 2 (a projection, not a measurement): local search's measured seconds per problem at
 p = 1024..8192 (benchmarks/results/solver_scaling.json; run benchmarks/solver_scaling.py first,
@@ -36,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARES = (0.75, 0.5, 0.25)
 BACKENDS = ("local-search", "greedy", "activation")
-CONFIGS = (("serial", None), ("processes", 1), ("processes", 2), ("ray", 1), ("ray", 2))
+# (executor, workers, torch threads per task: None = the executor's default)
+CONFIGS = (("serial", None, None), ("serial", None, 1), ("processes", 1, None), ("processes", 2, None),
+           ("ray", 1, None), ("ray", 2, None))
 OPT30B = {"blocks": 48, "heads": 56, "head_dim": 128, "ffn": 28_672}
 
 
@@ -55,13 +60,13 @@ def measure(problems: list, backends: tuple[str, ...], configs) -> list[dict]:
 
     sources, tasks = batch_tasks(problems, backends)
     rows, reference = [], None
-    for name, workers in configs:
+    for name, workers, threads in configs:
         load_before = os.getloadavg()[0]
         begin = time.perf_counter()
         executor = make_executor(name, workers)
         try:
             started = time.perf_counter() - begin
-            results = run_tasks(sources, tasks, executor)
+            results = run_tasks(sources, tasks, executor, threads=threads)
         finally:
             executor.close()
         wall = time.perf_counter() - begin
@@ -72,14 +77,16 @@ def measure(problems: list, backends: tuple[str, ...], configs) -> list[dict]:
         reference = essentials if reference is None else reference
         busy = sum(row["seconds"] for row in results)
         count = workers or 1
-        rows.append({"executor": name, "workers": count, "tasks": len(tasks), "wall_seconds": wall,
+        drift = max(abs(a[1] - b[1]) / b[1] for a, b in zip(essentials, reference, strict=True))
+        rows.append({"executor": name, "workers": count, "threads": threads or "default", "tasks": len(tasks),
+                     "wall_seconds": wall, "max_relative_loss_difference": drift,
                      "startup_seconds": started, "task_seconds": busy,
                      "throughput": len(tasks) / wall, "overhead_per_task": (wall * count - busy) / len(tasks),
                      "same_supports_as_serial": sum(a[0] == b[0] for a, b in zip(essentials, reference, strict=True)),
                      "same_rows_as_serial": essentials == reference, "load_before": load_before,
                      "load_after": os.getloadavg()[0]})
-        print(f"  {name:9s} x{count}: {wall:7.1f} s wall ({started:.1f} s start-up), {busy:7.1f} s in tasks",
-              flush=True)
+        print(f"  {name:9s} x{count} threads {threads or 'default'}: {wall:7.1f} s wall ({started:.1f} s start-up), "
+              f"{busy:7.1f} s in tasks", flush=True)
     serial = rows[0]["throughput"]
     for row in rows:
         row["speedup_vs_serial"] = row["throughput"] / serial
@@ -128,12 +135,15 @@ def projection(scaling: list[dict]) -> dict:
 
 
 def print_measured(rows: list[dict]) -> None:
-    print("\nexecutor   workers  tasks  wall s  start s  tasks/s  vs serial  overhead s/task  rows = serial")
+    print("\nexecutor   workers  threads  tasks  wall s  start s  tasks/s  vs serial  vs serial 1 thr  "
+          "overhead s/task  same supports  max loss diff")
+    single = next((row["throughput"] for row in rows if row["executor"] == "serial" and row["threads"] == 1), None)
     for row in rows:
-        print(f"{row['executor']:9s}  {row['workers']:7d}  {row['tasks']:5d}  {row['wall_seconds']:6.1f}  "
-              f"{row['startup_seconds']:7.1f}  {row['throughput']:7.2f}  {row['speedup_vs_serial']:8.2f}x  "
-              f"{row['overhead_per_task']:15.3f}  {'yes' if row['same_rows_as_serial'] else 'no'} "
-              f"({row['same_supports_as_serial']}/{row['tasks']} supports)")
+        versus = f"{row['throughput'] / single:13.2f}x" if single else f"{'-':>14s}"
+        print(f"{row['executor']:9s}  {row['workers']:7d}  {row['threads']!s:>7s}  {row['tasks']:5d}  "
+              f"{row['wall_seconds']:6.1f}  {row['startup_seconds']:7.1f}  {row['throughput']:7.2f}  "
+              f"{row['speedup_vs_serial']:8.2f}x  {versus}  {row['overhead_per_task']:15.3f}  "
+              f"{row['same_supports_as_serial']:>6d}/{row['tasks']:<6d}  {row['max_relative_loss_difference']:.1e}")
     loads = [row["load_before"] for row in rows] + [row["load_after"] for row in rows]
     print(f"load average during the runs: {min(loads):.2f} .. {max(loads):.2f} (2 cores; above ~2.5 other jobs ran)")
 

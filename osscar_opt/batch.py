@@ -19,11 +19,13 @@ is the executor's business (its task runs again, up to ``retries`` times).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import socket
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -416,6 +418,7 @@ def run_tasks(
         if on_row is not None:
             on_row(row)
 
+    stack = contextlib.ExitStack()
     try:
         calls = []
         for index in todo:
@@ -425,12 +428,20 @@ def run_tasks(
                 continue
             calls.append(index)
         if calls:
+            # the largest problems first (a stable sort keeps each problem's tasks together): the
+            # last tasks to finish are then short ones, and the workers end together
+            calls.sort(key=lambda index: -(sources[tasks[index].source].groups or 0))
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="osscar-batch-"))
+            handles: dict[int, Any] = {}  # one payload per problem, however many tasks use it
             payloads = []
             for index in calls:
                 task, source = tasks[index], sources[tasks[index].source]
-                payloads.append((index, (task.kind, _payload(runner, source), task.spec, source.id, threads)))
+                if task.source not in handles:
+                    handles[task.source] = _payload(runner, source, Path(scratch))
+                payloads.append((index, (task.kind, handles[task.source], task.spec, source.id, threads)))
             runner.run(run_task, payloads, finished)
     finally:
+        stack.close()
         bar.close()
         if record is not None:
             record.close()
@@ -439,13 +450,19 @@ def run_tasks(
     return [row for row in rows if row is not None]
 
 
-def _payload(runner: Executor, source: ProblemSource) -> LayerProblem | str | Any:
-    """What a worker gets for ``source``: the object in this process, a path for local workers,
-    the bytes (through the executor's object store) elsewhere."""
+def _payload(runner: Executor, source: ProblemSource, scratch: Path) -> LayerProblem | str | Any:
+    """What a worker gets for ``source``: the object in this process; a path for local worker
+    processes (an in-memory problem is saved once into ``scratch``, a temporary folder, so that
+    each task sends a path, not megabytes); the bytes, put once into the executor's object store,
+    elsewhere."""
     if runner.name == "serial":
         return source.problem if source.problem is not None else str(source.path)
-    if runner.name == "processes" and source.path is not None:
-        return str(source.path)
+    if runner.name == "processes":
+        if source.path is not None:
+            return str(source.path)
+        path = scratch / f"{source.id}.safetensors"
+        source.problem.save(path)
+        return str(path)
     data = source.problem.to_bytes() if source.problem is not None else source.path.read_bytes()
     return runner.share(source.id, data)
 

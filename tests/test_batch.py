@@ -358,3 +358,12 @@ def test_prune_command_spreads_a_target_s_loss_curves_over_workers(tiny_bert_fol
     argv = ["prune", "--model", str(tiny_bert_folder), "--quiet", "--no-eval", "--workers", "2"]
     assert cli.main(argv) == 2
     assert "--workers: applies only with --target-macs" in capsys.readouterr().err
+
+
+def test_a_single_worker_pool_is_kept_between_tasks():
+    executor = ProcessExecutor(workers=1)
+    try:
+        rows = solve_many(_problems(2), [3, 5], "greedy", executor=executor)
+        assert executor.restarts == 0 and len({row["worker"] for row in rows}) == 1
+    finally:
+        executor.close()

@@ -73,16 +73,18 @@ class ProcessExecutor(Executor):
 
         while waiting or running:
             pool = self._fresh_pool()
+            refused = False
             while waiting and len(running) < self.workers:
                 call = waiting.popleft()
                 try:
                     running[pool.submit(function, *call[1])] = call
                 except BrokenProcessPool:  # broke between two submissions
                     waiting.appendleft(call)
+                    refused = True
                     break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = any([settle(future) for future in done])
-            if broken or (waiting and not running):
+            if broken or refused:
                 # every call of a broken pool fails: settle them all, then start a new pool
                 for future in wait(running).done:
                     settle(future)
