@@ -6,7 +6,9 @@ surgery -> smaller model (docs/architecture.md).
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
@@ -39,7 +41,20 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'osscar_opt' has no attribute {name!r}")
     value = getattr(import_module(module), name)
-    # Cache the function: importing a submodule of the same name (osscar_opt.certify) would
-    # otherwise leave the package attribute pointing at the module.
-    globals()[name] = value
+    globals()[name] = value  # cached: the next lookup does not come here
     return value
+
+
+class _Package(ModuleType):
+    """The package module. Importing a submodule sets the package attribute of its name to the
+    module (``import osscar_opt.oneshot`` would make ``osscar_opt.oneshot`` the module, not the
+    function): for the exports that share their module's name (``certify``, ``oneshot``), the
+    attribute becomes the function instead, whatever was imported first."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

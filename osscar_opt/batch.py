@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 
-from osscar_opt.executors.base import DEFAULT_RETRIES, Executor, make_executor
+from osscar_opt.executors import make_executor
+from osscar_opt.executors.base import DEFAULT_RETRIES, Executor
+from osscar_opt.plain import plain
 from osscar_opt.problem import LayerProblem
 
 RESULTS_FORMAT = "osscar_opt.batch"
@@ -164,21 +166,6 @@ class Task:
 
     def key(self, sources: Sequence[ProblemSource]) -> str:
         return json.dumps([sources[self.source].id, self.kind, self.spec], sort_keys=True)
-
-
-def plain(value: Any) -> Any:
-    """``value`` as JSON data: non-finite floats as strings, tuples as lists, other objects as text."""
-    if isinstance(value, bool) or value is None or isinstance(value, int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(key): plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(item) for item in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
-        return plain(value.item())
-    return str(value)
 
 
 def _load(source: LayerProblem | str | bytes, problem_id: str) -> LayerProblem:

@@ -148,7 +148,7 @@ def certify_task(problem: LayerProblem, spec: dict[str, Any]) -> dict[str, Any]:
     in ``exact``; a failing heuristic or bound fails the task.
     """
     from osscar_opt import solving
-    from osscar_opt.batch import plain
+    from osscar_opt.plain import plain
 
     begin = time.perf_counter()
     keep, options = spec["keep"], dict(spec["options"])

@@ -18,6 +18,19 @@ def test_exports_are_functions_even_after_submodule_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_exports_are_functions_when_the_submodule_is_imported_first():
+    code = (
+        "import types\n"
+        "import osscar_opt.oneshot, osscar_opt.certify\n"
+        "from osscar_opt.oneshot import oneshot\n"
+        "import osscar_opt\n"
+        "assert osscar_opt.oneshot is oneshot, osscar_opt.oneshot\n"
+        "assert not isinstance(osscar_opt.certify, types.ModuleType), osscar_opt.certify\n"
+        "import sys; assert isinstance(sys.modules['osscar_opt.oneshot'], types.ModuleType)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_every_export_resolves_and_prune_is_the_pipeline():
     code = (
         "import osscar_opt, osscar_opt.pipeline, osscar_opt.accumulator, osscar_opt.budget\n"
