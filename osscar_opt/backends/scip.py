@@ -23,9 +23,10 @@ per cut):
   the perspective relaxation, but on the MiniLM head layers it costs more evaluations (each a full
   ``p x p`` factorization) than it saves.
 
-Cuts at binary points are computed on the kept columns only (:func:`binary_cut`, the same ``f``
-and gradient as :meth:`PerspectiveFunction.value_and_grad`, several times cheaper); each support
-is evaluated once (cached). Presolving is off (a model of ``G + 1`` variables) and dual reductions
+Cuts at binary points are computed on the kept columns only (:func:`_exact.binary_cut`, shared
+with the other exact backends; the same ``f`` and gradient as
+:meth:`PerspectiveFunction.value_and_grad`, several times cheaper); each support is evaluated
+once (cached). Presolving is off (a model of ``G + 1`` variables) and dual reductions
 are disallowed (the handler's constraint is not visible to them).
 
 Options: ``formulation`` (only ``"outer-approximation"``), ``time_limit`` (wall-clock seconds for
@@ -53,7 +54,9 @@ from osscar_opt._extras import require
 from osscar_opt.backends import _exact
 from osscar_opt.backends.base import Backend, SearchResult, check_options
 from osscar_opt.problem import LayerProblem
-from osscar_opt.relaxation import Cut, PerspectiveFunction
+from osscar_opt.relaxation import Cut
+
+binary_cut = _exact.binary_cut  # module name kept: the cut every search step computes
 
 OPTIONS = ("formulation", "time_limit", "rel_gap", "mip_gap", "warm_start", "shift", "verbose",
            "relaxation_iterations", "upper_cuts", "fractional_cuts", "params")
@@ -93,30 +96,6 @@ def _check_params(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise ValueError(f"params: expected a dict of SCIP parameters (name -> value), got {value!r}")
     return value
-
-
-def binary_cut(fn: PerspectiveFunction, support: tuple[int, ...]) -> Cut:
-    """The cut at the binary point of ``support`` (any number of groups): ``f`` and its gradient as
-    ``fn.value_and_grad`` computes them there, on the kept columns only.
-
-    At a binary point ``sqrt(z) = 0`` on the columns outside the support (and not always kept), so
-    the factorization and the solve reduce to the kept columns ``S``: ``(K_SS + I) Y_S = C_S``,
-    ``f = c0 - <C_S, Y_S>``, residual ``C - K_{:S} Y_S``. ``f`` at a support of ``keep`` groups is
-    its loss.
-    """
-    z = _exact.binary_point(support, fn.num_groups).to(fn.K.device)
-    columns = torch.nonzero(fn.column_z(z) > 0.5).flatten()
-    C_S = fn.C_hat[columns]
-    M = fn.K[columns][:, columns].clone()
-    M.diagonal().add_(1.0)
-    Y = torch.cholesky_solve(C_S, torch.linalg.cholesky(M))
-    value = fn.c0 - float((C_S * Y).sum())
-    residual = fn.C_hat - fn.K[:, columns] @ Y
-    per_column = residual.square().sum(1)
-    grad = torch.zeros(fn.num_groups, dtype=torch.float64, device=fn.K.device)
-    grad.index_add_(0, fn.labels[~fn.always], -per_column[~fn.always])
-    fn.evaluations += 1
-    return Cut(z, value, grad)
 
 
 def _solution(model, z, eta, support, eta_value: float, heur=None, stored: bool = False) -> bool:
