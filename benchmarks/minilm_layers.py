@@ -1,9 +1,11 @@
-"""Real layer problems of all-MiniLM-L6-v2 built from dense activations on stdlib docstrings.
+"""Real layer problems of all-MiniLM-L6-v2 (or SmolLM2-135M) built from dense activations on stdlib docstrings.
 
-Used by ``benchmarks/certify.py``: for every encoder block, the attention output projection
-(``attention.output.dense``, 12 groups of 32 columns, one per head) and the FFN output projection
-(``output.dense``, 1536 single-column groups, one per neuron), with ``Y = X W^T`` from the dense
-model (no sequential pruning).
+Used by ``benchmarks/certify.py``: for every chosen block, the attention output projection
+(MiniLM ``attention.output.dense``: 12 groups of 32 columns, one per head; SmolLM2 ``o_proj``: 3
+key-value groups) and the MLP output projection (MiniLM ``output.dense``: 1536 single-column
+groups, one per neuron; SmolLM2 ``down_proj``: 1536), with ``Y = X W^T`` from the dense model (no
+sequential pruning). Names: ``block{i}.heads`` / ``block{i}.ffn`` (the attention structure's kind
+for other models).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from osscar_opt.formulations.structures import Structure
 
 
 def minilm_layer_problems(samples: int = 32, seq_len: int = 64, damp: float = 1e-2,
-                          blocks: list[int] | None = None) -> dict[str, LayerProblem]:
-    """``{"block{i}.heads": problem, "block{i}.ffn": problem}`` for the chosen encoder blocks."""
+                          blocks: list[int] | None = None, model: str | None = None) -> dict[str, LayerProblem]:
+    """``{"block{i}.heads": problem, "block{i}.ffn": problem}`` for the chosen blocks of ``model``
+    (None: all-MiniLM-L6-v2; ``"smollm2"``)."""
     from osscar_opt.adapters.registry import adapter_for
     from osscar_opt.data import text
     from osscar_opt.models import load_model
 
-    loaded = load_model(None, device="cpu")
+    loaded = load_model(model, device="cpu")
     model = loaded.model
     ids = text.calibration_ids(loaded.tokenizer, text.load_texts(None, "calib", False), samples, seq_len)
     stages = adapter_for(model).stages()

@@ -7,8 +7,10 @@ gives a valid bound from its linearization, see :mod:`osscar_opt.relaxation`), a
 reports the certified gap ``(loss - bound) / loss`` of the solution. It scales to thousands of
 groups (one ``p x p`` Cholesky per iteration).
 
-Shifts: "scalar" (``mu = lambda_min(H)``), "block" (block-diagonal ``D``, tuned per budget, never
-weaker than the scalar one) or "both" (reports both and how much the block shift tightens).
+Shifts: "scalar" (``mu = lambda_min(H)``); "diagonal" and "block": the diagonal or block-diagonal
+``D`` that maximizes the bound (the SDP bound of the perspective relaxation, found by a barrier
+method, see :func:`~osscar_opt.relaxation.block_shift`; never weaker than the scalar one); or
+"both" (scalar and block, and how much of the scalar gap the block shift closes).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from osscar_opt.problem import LayerProblem
 from osscar_opt.relaxation import PerspectiveFunction, block_shift, relax
 from osscar_opt.solution import Solution
 
-SHIFT_CHOICES = ("scalar", "block", "both")
+SHIFT_CHOICES = ("scalar", "diagonal", "block", "both")
 
 
 @dataclass
@@ -92,8 +94,7 @@ def certify(
     iterations: int = 200,
     method: str = "projected-gradient",
     time_limit: float | None = None,
-    block_iterations: int = 60,
-    block_steps: int = 4,
+    shift_iterations: int = 40,
 ) -> Certificate:
     """Certify ``solution`` (a :class:`Solution` or kept group ids) with a proven lower bound.
 
@@ -101,16 +102,23 @@ def certify(
         problem: the layer problem.
         solution: the solution to certify; its budget is ``solution.keep`` / ``len(support)``
             unless ``keep`` is given.
-        shift: "scalar", "block" or "both".
+        shift: "scalar" (``lambda_min(H) I``), "diagonal" (the diagonal ``D`` that maximizes the
+            bound), "block" (the block-diagonal ``D`` over the groups that maximizes it; the same
+            as "diagonal" for single-column groups), or "both" (scalar and block, and how much of
+            the scalar gap the block shift closes).
         iterations: relaxation iterations (each one ``p x p`` Cholesky).
         method: "projected-gradient" or "frank-wolfe".
-        time_limit: seconds for the final relaxation (the bound so far is still valid).
-        block_iterations, block_steps: effort of the block-shift search (see ``block_shift``).
+        time_limit: seconds for the shift search plus the final relaxation (every bound so far is
+            still valid when it runs out).
+        shift_iterations: steps of the shift search (:func:`~osscar_opt.relaxation.block_shift`;
+            each about 30 relaxation iterations).
     """
     if not isinstance(problem, LayerProblem):
         raise ValueError(f"problem: expected a LayerProblem, got {type(problem).__name__}")
     if shift not in SHIFT_CHOICES:
         raise ValueError(f"shift: expected one of {SHIFT_CHOICES}, got {shift!r}")
+    if isinstance(shift_iterations, bool) or not isinstance(shift_iterations, int) or shift_iterations < 0:
+        raise ValueError(f"shift_iterations: expected a non-negative integer, got {shift_iterations!r}")
     begin = time.perf_counter()
     support, budget = _resolve(problem, solution, keep)
     loss = problem.loss(support)
@@ -124,11 +132,15 @@ def certify(
         result = relax(PerspectiveFunction(problem, "scalar"), budget, iterations=iterations, method=method,
                        start=support, time_limit=time_limit)
         bounds["scalar"] = result.bound
-    if shift in ("block", "both"):
-        tuned, _ = block_shift(problem, budget, iterations=block_iterations, steps=block_steps)
+    if shift != "scalar":
+        pattern = "block" if shift == "both" else shift
+        left = None if time_limit is None else max(time_limit - (time.perf_counter() - begin), 0.0)
+        tuned, _ = block_shift(problem, budget, pattern=pattern, iterations=shift_iterations,
+                               time_limit=None if left is None else 0.7 * left)
+        left = None if time_limit is None else max(time_limit - (time.perf_counter() - begin), 1e-3)
         result = relax(PerspectiveFunction(problem, tuned), budget, iterations=iterations, method=method,
-                       start=support, time_limit=time_limit)
-        bounds["block"] = max(result.bound, bounds.get("scalar", result.bound))
+                       start=support, time_limit=left)
+        bounds[pattern] = max(result.bound, bounds.get("scalar", -float("inf")))
     bound = min(max(bounds.values()), loss)
     tightening = None
     if shift == "both":

@@ -628,6 +628,29 @@ class LayerProblem:
             return self.weight
         return self.weights(range(self.num_groups))
 
+    def subproblem(self, groups: Iterable[int]) -> LayerProblem:
+        """The problem of these groups alone: reconstruct their own contribution to the output.
+
+        With ``B = H^{-1} G`` the full least-squares weights (the dense weights when ``Y = X W^T``)
+        and ``R`` the groups' columns: ``H_RR``, ``G_R = H_RR B_R`` and ``c0 = tr(B_R^T H_RR B_R)``,
+        so keeping every chosen group costs 0. Group ``j`` of the result is ``groups[j]`` (in the
+        order given); the bias column is not carried over. Used to build exactly solvable problems
+        of 32-64 groups from real layers (a block of FFN neurons) for certification.
+        """
+        listed = list(groups) if not isinstance(groups, str | bytes) else groups
+        if not self.check_support(listed, "groups"):
+            raise ValueError("groups: expected at least one group id")
+        order = [_group_id(g) for g in listed]
+        columns = torch.cat([self.groups[g] for g in order]).to(self.H.device)
+        labels = torch.cat([torch.full((self.group_sizes[g],), j, dtype=torch.int64) for j, g in enumerate(order)])
+        H = self.H.to(torch.float64)
+        full = torch.cholesky_solve(self.G.to(torch.float64), torch.linalg.cholesky(H))
+        H_RR = H[columns][:, columns]
+        G_R = H_RR @ full[columns]
+        c0 = float((full[columns] * G_R).sum())
+        meta = {**self.meta, "subproblem_of": self.meta.get("name", "problem"), "groups": ",".join(map(str, order))}
+        return LayerProblem(H_RR, G_R, c0, labels.to(self.H.device), lam=self.lam, meta=meta)
+
     # ------------------------------------------------------------------ device, io
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LayerProblem:
         """A copy on ``device`` with floating tensors cast to ``dtype`` (labels stay int64)."""

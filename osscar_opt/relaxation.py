@@ -60,11 +60,12 @@ import torch
 
 from osscar_opt.problem import LayerProblem
 
-SHIFTS = ("scalar", "block")
+SHIFTS = ("scalar", "diagonal", "block")
 # Relative shrink of the shift (times the spread of the spectrum) against round-off.
 SHIFT_MARGIN = 1e-9
 # Relative safety margin subtracted from every bound computed in floating point.
 BOUND_MARGIN = 1e-9
+CENTRED = 4.0  # Newton decrement below which the barrier iterate counts as centred
 
 
 def thin_factor(G: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,7 @@ class Shift:
     L: torch.Tensor
     L_inv: torch.Tensor
     scale: float
+    diagonal: torch.Tensor | None = None  # ``(p,)`` the diagonal of ``D`` when ``D`` is diagonal
 
     @property
     def D(self) -> torch.Tensor:
@@ -121,7 +123,8 @@ def scalar_shift(problem: LayerProblem) -> Shift:
     values = torch.linalg.eigvalsh(H)
     mu = _safe(float(values[0]), float(values[-1]), "scalar")
     eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    return Shift("scalar", math.sqrt(mu) * eye, eye / math.sqrt(mu), mu)
+    return Shift("scalar", math.sqrt(mu) * eye, eye / math.sqrt(mu), mu,
+                 diagonal=torch.full((H.shape[0],), mu, dtype=torch.float64, device=H.device))
 
 
 def _block_factor(problem: LayerProblem, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,84 +170,279 @@ def generalized_block_shift(problem: LayerProblem) -> Shift:
     return shift_from_matrix(problem, blockdiag, "generalized", maximize=True)
 
 
-def _supergradient_direction(fn: PerspectiveFunction, z: torch.Tensor, floor: float) -> torch.Tensor:
-    """``floor * I + blockdiag(S_g)``, ``S_g = z_g (1 - z_g) U_g U_g^T`` with ``U = D^{-1} V`` at ``z``.
-
-    ``S_g`` is the supergradient of the relaxation value with respect to ``D_g`` at the relaxed
-    point (the perspective adds ``tr(B_g^T D_g B_g)(1 / z_g - 1)`` and ``B_g = z_g U_g``).
-    """
-    z = z.to(fn.K)
-    root = fn.column_z(z).sqrt()
-    M = root[:, None] * fn.K * root[None, :]
-    M.diagonal().add_(1.0)
-    Y = torch.cholesky_solve(root[:, None] * fn.C_hat, torch.linalg.cholesky(M))
-    U = fn.shift.L_inv.T @ (fn.C_hat - fn.K @ (root[:, None] * Y))
-    S = torch.zeros_like(fn.K)
-    for group, cols in enumerate(fn.problem.groups):
-        cols = cols.to(S.device)
-        weight = float(z[group] * (1.0 - z[group]))
-        S[torch.meshgrid(cols, cols, indexing="ij")] = weight * (U[cols] @ U[cols].T)
-    S.diagonal().add_(floor)
-    return S
+PATTERNS = ("diagonal", "block")
 
 
-def block_shift(problem: LayerProblem, keep: int, *, iterations: int = 60, steps: int = 4,
-                time_limit: float | None = None) -> tuple[Shift, dict]:
-    """The block-diagonal shift: the best valid ``D`` found on segments from the scalar shift.
+class _ShiftIterate:
+    """A point ``D`` of the shift search: a vector ``d`` (diagonal pattern, ``D = diag(d)``) or one
+    symmetric positive definite block per column block of :func:`_blocks` (block pattern)."""
 
-    The relaxation bound is concave in ``D`` (a minimum of functions affine in ``D``) over the
-    convex set ``{D block diagonal, 0 < D, H - D >= 0}``. Starting from ``mu I`` it tries two
-    valid block-diagonal directions, the supergradient direction (each group's relaxed weights'
-    outer product, scaled to the largest valid multiple) and ``t blockdiag(H_gg)``, and keeps the
-    best point of each segment by a golden-section search (``steps`` rounds of two relaxations of
-    ``iterations`` iterations). Returns the shift and ``{"scalar_bound", "block_bound",
-    "evaluations", "seconds"}``; the block bound is never below the scalar one.
-    """
-    begin = time.perf_counter()
+    def __init__(self, problem: LayerProblem, diagonal: torch.Tensor | None, blocks: list[torch.Tensor] | None):
+        self.problem, self.diagonal, self.blocks = problem, diagonal, blocks
+        self.columns = _blocks(problem)
+
+    def matrix(self) -> torch.Tensor:
+        """``(p, p)`` the shift ``D``."""
+        if self.diagonal is not None:
+            return torch.diag(self.diagonal)
+        D = torch.zeros(self.problem.num_columns, self.problem.num_columns, dtype=torch.float64,
+                        device=self.blocks[0].device)
+        for cols, block in zip(self.columns, self.blocks, strict=True):
+            D[torch.meshgrid(cols, cols, indexing="ij")] = block
+        return D
+
+    def shift(self, kind: str) -> Shift:
+        """The :class:`Shift` of ``D`` (not checked against ``H``: :func:`safe_shift` does that)."""
+        if self.diagonal is not None:
+            root = self.diagonal.sqrt()
+            return Shift(kind, torch.diag(root), torch.diag(1.0 / root), 1.0, diagonal=self.diagonal.clone())
+        L, L_inv = _block_factor(self.problem, self.matrix())
+        return Shift(kind, L, L_inv, 1.0)
+
+    def logdet(self) -> float:
+        if self.diagonal is not None:
+            return float(self.diagonal.log().sum())
+        return float(sum(torch.linalg.slogdet(block)[1] for block in self.blocks))
+
+    def inverse_parts(self, A_inv: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        """The pattern's part of ``A_inv`` (``(p, p)``): its diagonal, or its diagonal blocks."""
+        if self.diagonal is not None:
+            return A_inv.diagonal().clone()
+        return [A_inv[torch.meshgrid(cols, cols, indexing="ij")] for cols in self.columns]
+
+    def step(self, gradient, eta: float) -> _ShiftIterate:
+        """The geodesic step ``D^{1/2} exp(eta X / |X|) D^{1/2}`` with ``X = D^{1/2} gradient D^{1/2}``
+        (``|X|`` the largest spectral norm over blocks, so ``D`` changes by at most ``e^eta``)."""
+        if self.diagonal is not None:
+            scaled = self.diagonal * gradient
+            norm = float(scaled.abs().max())
+            if not norm > 0:
+                return self
+            return _ShiftIterate(self.problem, self.diagonal * torch.exp(eta * scaled / norm), None)
+        roots, scaled = [], []
+        for block, grad in zip(self.blocks, gradient, strict=True):
+            values, vectors = torch.linalg.eigh(block)
+            root = (vectors * values.clamp_min(0.0).sqrt()) @ vectors.T
+            roots.append(root)
+            scaled.append(root @ (0.5 * (grad + grad.T)) @ root)
+        norm = max(float(torch.linalg.matrix_norm(x, ord=2)) for x in scaled)
+        if not norm > 0:
+            return self
+        blocks = []
+        for root, x in zip(roots, scaled, strict=True):
+            values, vectors = torch.linalg.eigh(eta * x / norm)
+            exp = (vectors * values.exp()) @ vectors.T
+            new = root @ exp @ root
+            blocks.append(0.5 * (new + new.T))
+        return _ShiftIterate(self.problem, None, blocks)
+
+
+def _initial_iterate(problem: LayerProblem, diagonal: bool) -> _ShiftIterate:
+    """``0.9 (0.7 mu I + 0.3 t blockdiag(H_gg))``: a strictly valid starting point (the scalar and the
+    generalized block shift are both valid, so is their convex combination, and 0.9 of it is inside)."""
     H = problem.H.to(torch.float64)
-    current = scalar_shift(problem)
-    fn = PerspectiveFunction(problem, current)
-    result = relax(fn, keep, iterations=iterations)
-    scalar_bound = best_bound = result.bound
-    evaluations = 1
-    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    direction = _supergradient_direction(fn, result.z, 1e-2 * current.scale)
-    targets = [shift_from_matrix(problem, direction + 1e-12 * eye, maximize=True).D, generalized_block_shift(problem).D]
-    golden = (math.sqrt(5.0) - 1.0) / 2.0
-    for target in targets:
-        base, low, high = current.D, 0.0, 1.0  # D(theta) = (1 - theta) base + theta target
+    mu = scalar_shift(problem).scale
+    generalized = generalized_block_shift(problem).D
+    start = 0.9 * (0.7 * mu * torch.eye(H.shape[0], dtype=torch.float64, device=H.device) + 0.3 * generalized)
+    if diagonal:
+        return _ShiftIterate(problem, start.diagonal().clone(), None)
+    return _ShiftIterate(problem, None, [start[torch.meshgrid(c, c, indexing="ij")] for c in _blocks(problem)])
+
+
+def _shift_supergradient(fn: PerspectiveFunction, z: torch.Tensor, diagonal: bool):
+    """Supergradient of ``f_D(z)`` in ``D`` on the pattern: ``S_g = z_g (1 - z_g) U_g U_g^T`` with
+    ``U = D^{-1} V`` the relaxed weights over ``z`` (the perspective adds ``tr(B_g^T D_g B_g)
+    (1 / z_g - 1)`` and ``B_g = z_g U_g``); 0 on always-kept columns. Diagonal: ``(p,)``."""
+    z = z.to(fn.K)
+    residual = fn.residual(z)  # Vhat = L^{-1} V
+    weight = fn.column_z(z) * (1.0 - fn.column_z(z))
+    if diagonal:
+        return weight * residual.square().sum(1) / fn.shift.diagonal
+    U = fn.shift.L_inv.T @ residual
+    return [weight[cols, None] * (U[cols] @ U[cols].T) for cols in _blocks(fn.problem)]
+
+
+def block_shift(problem: LayerProblem, keep: int, *, pattern: str = "block", iterations: int = 40,
+                inner_iterations: int = 30, time_limit: float | None = None,
+                start: torch.Tensor | None = None) -> tuple[Shift, dict]:
+    """The shift ``D`` (diagonal, or block diagonal over the groups) that maximizes the relaxation bound.
+
+    The relaxation value ``g(D) = min_z f_D(z)`` is concave in ``D`` (a minimum of functions
+    affine in ``D``) and non-decreasing in the positive semidefinite order, over the convex set
+    ``{D on the pattern, D > 0, H - D >= 0}``; its maximum is the SDP bound of the perspective
+    relaxation. It is found by a barrier method on ``g(D) / t + logdet(H - D) + logdet D`` with
+    ``g`` linearized at each step by its supergradient (``S_g = z_g (1 - z_g) U_g U_g^T``, see
+    :func:`_shift_supergradient`), ``t`` shrinking by 4x whenever the iterate is centred:
+
+    - diagonal pattern (also any problem of single-column groups): damped Newton steps (the
+      interior-point step of ``max S.d s.t. diag(d) <= H``; the barrier's Hessian
+      ``A^{-1} o A^{-1} + diag(d)^{-2}``, ``A = H - D``, couples the coordinates);
+    - block pattern: it starts from the optimal diagonal and takes geodesic steps
+      ``D_g^{1/2} exp(eta X_g) D_g^{1/2}`` on each block (``X_g`` the scaled gradient), ``eta``
+      adapted (grown after an ascent, halved otherwise).
+
+    Each evaluation of ``g`` is ``inner_iterations`` iterations of :func:`relax` warm-started from
+    the previous relaxed point, so ``iterations`` steps cost about ``iterations * inner_iterations``
+    factorizations of ``p x p``. Every iterate keeps ``H - D`` positive definite, and the returned
+    shift is scaled to be valid with the safety margin (:func:`safe_shift`): every bound computed
+    with it is valid however far the search got. It is the scalar shift when that bound is better.
+
+    ``start``: a valid diagonal ``(p,)`` to warm-start from (e.g. a parent node's shift restricted
+    to a partial assignment; 0.98 of it is used, strictly inside).
+
+    Returns the shift and ``{"scalar_bound", "block_bound", "evaluations", "seconds", "pattern"}``
+    (the best bound the search's relaxations reached, not a final certificate).
+    """
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern: expected one of {PATTERNS}, got {pattern!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations: expected a non-negative integer, got {iterations!r}")
+    search = _ShiftSearch(problem, keep, inner_iterations, time_limit)
+    if start is None:  # the scalar shift is the baseline, and the fallback
+        fallback = scalar_shift(problem)
+        baseline = relax(PerspectiveFunction(problem, fallback), keep, iterations=max(inner_iterations, 30))
+        first = _initial_iterate(problem, True)
+    else:  # the start is (0.98 of) the baseline
+        first = _ShiftIterate(problem, 0.98 * start.to(torch.float64), None)
+        fallback = safe_shift(problem, first.matrix(), "diagonal")
+        baseline = relax(PerspectiveFunction(problem, fallback), keep, iterations=inner_iterations)
+    search.offer_bound(baseline.bound, None)
+    single = all(size == 1 for size in problem.group_sizes)
+    diagonal_steps = iterations if pattern == "diagonal" or single else (iterations + 1) // 2
+    current = search.evaluate(first, baseline.z)
+    if current is not None:
+        current = search.newton_diagonal(current, diagonal_steps)
+        if pattern == "block" and not single:
+            blocks = [current["iterate"].diagonal[cols].diag() for cols in _blocks(problem)]
+            block_start = search.evaluate(_ShiftIterate(problem, None, blocks), current["result"].z)
+            if block_start is not None:
+                search.geodesic_blocks(block_start, iterations - diagonal_steps)
+    kind = "block" if pattern == "block" and not single else pattern
+    shift = fallback if search.best is None else safe_shift(problem, search.best.matrix(), kind)
+    info = {"scalar_bound": baseline.bound if start is None else None, "block_bound": search.best_bound,
+            "evaluations": search.evaluations,
+            "seconds": time.perf_counter() - search.begin, "pattern": kind}
+    return shift, info
+
+
+class _ShiftSearch:
+    """State of :func:`block_shift`: evaluations of ``g`` and the best iterate so far."""
+
+    def __init__(self, problem: LayerProblem, keep: int, inner_iterations: int, time_limit: float | None):
+        self.problem, self.keep, self.inner = problem, keep, inner_iterations
+        self.H = problem.H.to(torch.float64)
+        self.jitter = 1e-12 * float(self.H.diagonal().max())
+        self.begin, self.time_limit = time.perf_counter(), time_limit
+        self.best_bound, self.best, self.evaluations = -math.inf, None, 0
+
+    def out_of_time(self) -> bool:
+        return self.time_limit is not None and time.perf_counter() - self.begin > self.time_limit
+
+    def offer_bound(self, bound: float, iterate: _ShiftIterate | None) -> None:
+        if bound > self.best_bound:
+            self.best_bound, self.best = bound, iterate
+
+    def evaluate(self, iterate: _ShiftIterate, z: torch.Tensor | None) -> dict | None:
+        """``g`` at ``iterate`` (warm-started at ``z``) with the barrier terms; None when ``H - D``
+        is not positive definite."""
+        A = self.H - iterate.matrix()
+        A.diagonal().sub_(self.jitter)
+        factor, failed = torch.linalg.cholesky_ex(A)
+        if int(failed) != 0:
+            return None
+        fn = PerspectiveFunction(self.problem, iterate.shift("search"))
+        result = relax(fn, self.keep, iterations=self.inner, start=z)
+        self.evaluations += 1
+        self.offer_bound(result.bound, iterate)
+        return {"iterate": iterate, "fn": fn, "result": result, "A_inv": torch.cholesky_inverse(factor),
+                "barrier": 2.0 * float(factor.diagonal().log().sum()) + iterate.logdet()}
+
+    def newton_diagonal(self, current: dict, steps: int) -> dict:
+        """Damped Newton path following on the diagonal ``d`` (``steps`` steps at most)."""
+        t = 1e-2 * max(abs(current["result"].value), 1e-300) / self.H.shape[0]
+        t_min = 1e-9 * t
         for _ in range(steps):
-            if time_limit is not None and time.perf_counter() - begin > time_limit:
+            if self.out_of_time() or t < t_min:
                 break
-            points = (high - golden * (high - low), low + golden * (high - low))
-            values = []
-            for theta in points:
-                trial = shift_from_matrix(problem, (1 - theta) * base + theta * target)
-                trial_result = relax(PerspectiveFunction(problem, trial), keep, iterations=iterations)
-                evaluations += 1
-                values.append(trial_result.bound)
-                if trial_result.bound > best_bound:
-                    best_bound, current = trial_result.bound, trial
-            if values[0] >= values[1]:
-                high = points[1]
-            else:
-                low = points[0]
-    current.kind = "block"
-    info = {"scalar_bound": scalar_bound, "block_bound": best_bound, "evaluations": evaluations,
-            "seconds": time.perf_counter() - begin}
-    return current, info
+            d = current["iterate"].diagonal
+            supergradient = _shift_supergradient(current["fn"], current["result"].z, True)
+            scaled_inverse = d[:, None] * current["A_inv"] * d[None, :]
+            hessian = scaled_inverse.square()  # in the scaled variables delta = Delta / d: >= I
+            hessian.diagonal().add_(1.0)
+            factor = torch.linalg.cholesky(hessian)
+            barrier_part = d * (1.0 / d - current["A_inv"].diagonal())
+            for _ in range(8):  # centred: shrink t (the Hessian does not depend on t)
+                rhs = d * supergradient / t + barrier_part
+                delta = torch.cholesky_solve(rhs[:, None], factor)[:, 0]
+                decrement = math.sqrt(max(float(rhs @ delta), 0.0))
+                if decrement > CENTRED or t < t_min:
+                    break
+                t *= 0.25
+            # Backtracking from the full step: feasible and not below the current barrier objective;
+            # the damped step 1 / (1 + decrement) (inside the Dikin ellipsoid) is taken if none is.
+            objective = current["result"].value + t * current["barrier"]
+            damped, eta, accepted = 1.0 / (1.0 + decrement), 1.0, None
+            while accepted is None and eta > damped:
+                moved = d * (1.0 + eta * delta)
+                if bool((moved > 0).all()):
+                    candidate = self.evaluate(_ShiftIterate(self.problem, moved, None), current["result"].z)
+                    if candidate is not None and candidate["result"].value + t * candidate["barrier"] >= objective:
+                        accepted = candidate
+                eta *= 0.5
+            for _ in range(20):
+                if accepted is not None:
+                    break
+                moved = d * (1.0 + damped * delta)
+                if bool((moved > 0).all()):
+                    accepted = self.evaluate(_ShiftIterate(self.problem, moved, None), current["result"].z)
+                damped *= 0.5
+            if accepted is None:
+                break
+            current = accepted
+        return current
+
+    def geodesic_blocks(self, current: dict, steps: int) -> dict:
+        """Geodesic barrier ascent on the diagonal blocks (``steps`` steps at most)."""
+        t = 1e-5 * max(abs(current["result"].value), 1e-300) / self.H.shape[0]
+        eta = 0.1
+        for _ in range(steps):
+            if self.out_of_time():
+                break
+            iterate, result = current["iterate"], current["result"]
+            supergradient = _shift_supergradient(current["fn"], result.z, False)
+            a_inverse = iterate.inverse_parts(current["A_inv"])
+            gradient = [s + t * (torch.linalg.inv(block) - a)
+                        for s, block, a in zip(supergradient, iterate.blocks, a_inverse, strict=True)]
+            objective = result.value + t * current["barrier"]
+            eta = max(eta, 1e-3)
+            while eta > 1e-4:
+                candidate = self.evaluate(iterate.step(gradient, eta), result.z)
+                if candidate is not None and candidate["result"].value + t * candidate["barrier"] >= objective:
+                    current, eta = candidate, min(1.0, 1.5 * eta)
+                    break
+                eta *= 0.5
+            t *= 0.5
+        return current
+
+
+def safe_shift(problem: LayerProblem, D: torch.Tensor, kind: str) -> Shift:
+    """:func:`shift_from_matrix` for a diagonal or block-diagonal ``D`` (keeps the diagonal form)."""
+    shift = shift_from_matrix(problem, D, kind)
+    if bool((torch.diag(D.diagonal()) == D).all()):
+        shift.diagonal = (shift.scale * D.diagonal()).clone()
+    return shift
 
 
 def make_shift(problem: LayerProblem, shift: str | Shift, keep: int | None = None) -> Shift:
-    """The shift named ``shift`` ("scalar", or "block" which needs ``keep``), or ``shift`` itself."""
+    """The shift named ``shift`` ("scalar"; "diagonal" or "block", which need ``keep``), or ``shift`` itself."""
     if isinstance(shift, Shift):
         return shift
     if shift == "scalar":
         return scalar_shift(problem)
-    if shift == "block":
+    if shift in PATTERNS:
         if keep is None:
-            raise ValueError("keep: the block shift is tuned for a budget; pass keep")
-        return block_shift(problem, keep)[0]
+            raise ValueError(f"keep: the {shift} shift is tuned for a budget; pass keep")
+        return block_shift(problem, keep, pattern=shift)[0]
     raise ValueError(f"shift: expected one of {SHIFTS}, got {shift!r}")
 
 
@@ -260,10 +458,17 @@ class PerspectiveFunction:
         self.problem = problem
         self.shift = make_shift(problem, shift, keep)
         H = problem.H.to(torch.float64)
-        L_inv = self.shift.L_inv
-        htilde = L_inv @ H @ L_inv.T
-        self.K = 0.5 * (htilde + htilde.T) - torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-        self.C_hat = L_inv @ thin_factor(problem.G.to(H.device))
+        eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+        self.C = thin_factor(problem.G.to(H.device))
+        if self.shift.diagonal is not None:  # D = diag(d): L^{-1} is a column scaling
+            scaling = self.shift.diagonal.to(H).rsqrt()
+            self.K = scaling[:, None] * H * scaling[None, :] - eye
+            self.C_hat = scaling[:, None] * self.C
+        else:
+            L_inv = self.shift.L_inv
+            htilde = L_inv @ H @ L_inv.T
+            self.K = 0.5 * (htilde + htilde.T) - eye
+            self.C_hat = L_inv @ self.C
         self.c0 = problem.c0
         labels = problem.group_of_column.to(H.device)
         self.labels = labels
@@ -271,13 +476,72 @@ class PerspectiveFunction:
         self.num_groups = problem.num_groups
         self.evaluations = 0
 
+    def restrict(self, fixed_in: Sequence[int], fixed_out: Sequence[int],
+                 diagonal: torch.Tensor | None = None) -> tuple[PerspectiveFunction, list[int]]:
+        """``f`` at a partial assignment: groups ``fixed_in`` kept, ``fixed_out`` pruned.
+
+        Returns the perspective function of the problem on the other ("free") groups, with the
+        fixed-in groups' columns always kept and the fixed-out groups' columns removed, and the free
+        group ids (its group ``j`` is ``free[j]``). The shift is block diagonal, so the restricted
+        ``K`` and ``Chat`` are the rows and columns of this one's (``H_RR - D_RR >= 0`` holds for
+        every principal submatrix): no factorization. Its relaxation over ``sum z <= keep - |fixed_in|``
+        lower-bounds every support that contains ``fixed_in`` and avoids ``fixed_out``.
+
+        ``diagonal`` (``(p,)``, over all columns): use the diagonal shift ``diag(diagonal)`` on the
+        kept columns instead of this function's shift; it must satisfy ``H_RR - D_RR >= 0`` there
+        (:meth:`node_problem` and :func:`block_shift` give one).
+        """
+        fixed_in, fixed_out = set(int(g) for g in fixed_in), set(int(g) for g in fixed_out)
+        if fixed_in & fixed_out:
+            raise ValueError(f"fixed_in, fixed_out: groups {sorted(fixed_in & fixed_out)} are in both")
+        free = [g for g in range(self.num_groups) if g not in fixed_in and g not in fixed_out]
+        labels = self.labels
+        new_label = torch.full((self.num_groups,), -1, dtype=torch.int64, device=labels.device)
+        new_label[torch.tensor(free, dtype=torch.int64, device=labels.device)] = torch.arange(
+            len(free), dtype=torch.int64, device=labels.device)
+        removed = torch.zeros(self.num_groups, dtype=torch.bool, device=labels.device)
+        if fixed_out:
+            removed[torch.tensor(sorted(fixed_out), dtype=torch.int64, device=labels.device)] = True
+        keep_column = self.always | ~removed[labels.clamp_min(0)]
+        columns = torch.nonzero(keep_column).flatten()
+        restricted = object.__new__(PerspectiveFunction)
+        restricted.problem, restricted.shift, restricted.c0 = self.problem, self.shift, self.c0
+        restricted.C = self.C[columns]
+        if diagonal is None:
+            restricted.K = self.K[columns][:, columns]
+            restricted.C_hat = self.C_hat[columns]
+        else:
+            scaling = diagonal.to(self.K)[columns].rsqrt()
+            H = self.problem.H.to(self.K)[columns][:, columns]
+            restricted.K = scaling[:, None] * H * scaling[None, :]
+            restricted.K.diagonal().sub_(1.0)
+            restricted.C_hat = scaling[:, None] * restricted.C
+        column_label = torch.where(self.always[columns], torch.full_like(columns, -1),
+                                   new_label[labels[columns].clamp_min(0)])
+        restricted.labels = column_label
+        restricted.always = column_label < 0
+        restricted.num_groups = len(free)
+        restricted.evaluations = 0
+        restricted.columns = columns
+        return restricted, free
+
+    def node_problem(self, fixed_in: Sequence[int], fixed_out: Sequence[int]) -> tuple[LayerProblem, list[int]]:
+        """The :class:`LayerProblem` of a partial assignment (as in :meth:`restrict`): the kept columns'
+        ``H`` and thin factor, fixed-in columns always kept (group -1), the free groups renumbered
+        ``0..len(free)-1``. Its shifts are valid shifts of the partial assignment."""
+        restricted, free = self.restrict(fixed_in, fixed_out)
+        columns = restricted.columns
+        H = self.problem.H.to(self.K)[columns][:, columns]
+        problem = LayerProblem(H, restricted.C, self.c0, restricted.labels.clone(), validate=False)
+        return problem, free
+
     def column_z(self, z: torch.Tensor) -> torch.Tensor:
         """``(p,)`` z repeated over each group's columns, 1 on always-kept columns."""
         zc = z.to(self.K)[self.labels.clamp_min(0)]
         return torch.where(self.always, torch.ones_like(zc), zc)
 
-    def value_and_grad(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """``f(z)`` (float, loss units) and ``grad f(z)`` (``(G,)`` float64, all ``<= 0``)."""
+    def _solve(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """``f(z)`` and the whitened residual ``Vhat = Chat - K Z^{1/2} Y`` (``(p, r)``)."""
         z = torch.as_tensor(z, dtype=torch.float64, device=self.K.device).clamp(0.0, 1.0)
         if z.shape != (self.num_groups,):
             raise ValueError(f"z: expected shape ({self.num_groups},), got {tuple(z.shape)}")
@@ -288,7 +552,15 @@ class PerspectiveFunction:
         rhs = root[:, None] * self.C_hat
         Y = torch.cholesky_solve(rhs, factor)
         value = self.c0 - float((rhs * Y).sum())
-        residual = self.C_hat - self.K @ (root[:, None] * Y)
+        return value, self.C_hat - self.K @ (root[:, None] * Y)
+
+    def residual(self, z: torch.Tensor) -> torch.Tensor:
+        """``(p, r)`` the whitened residual correlation ``Vhat = L^{-1} (C - H' B*)`` at ``z``."""
+        return self._solve(z)[1]
+
+    def value_and_grad(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """``f(z)`` (float, loss units) and ``grad f(z)`` (``(G,)`` float64, all ``<= 0``)."""
+        value, residual = self._solve(z)
         per_column = residual.square().sum(1)
         grad = torch.zeros(self.num_groups, dtype=torch.float64, device=self.K.device)
         grad.index_add_(0, self.labels[~self.always], -per_column[~self.always])
@@ -313,18 +585,36 @@ def safe_bound(bound: float, scale: float) -> float:
 
 
 def project_capped_simplex(y: torch.Tensor, keep: int) -> torch.Tensor:
-    """Euclidean projection of ``y`` onto ``{0 <= z <= 1, sum z <= keep}`` (bisection on the shift)."""
+    """Euclidean projection of ``y`` onto ``{0 <= z <= 1, sum z <= keep}``, exactly, in ``O(G log G)``.
+
+    When the box projection sums to more than ``keep`` the answer is ``clamp(y - tau, 0, 1)`` with
+    ``s(tau) = sum clamp(y - tau, 0, 1) = keep``; ``s`` is piecewise linear and non-increasing with
+    breakpoints at ``y_i`` and ``y_i - 1``, evaluated at all of them with sorted prefix sums, and
+    ``tau`` is interpolated on the segment where ``s`` crosses ``keep``.
+    """
     z = y.clamp(0.0, 1.0)
     if float(z.sum()) <= keep:
         return z
-    low, high = 0.0, float(y.max())
-    for _ in range(100):
-        middle = 0.5 * (low + high)
-        if float((y - middle).clamp(0.0, 1.0).sum()) > keep:
-            low = middle
-        else:
-            high = middle
-    return (y - high).clamp(0.0, 1.0)
+    if keep <= 0:
+        return torch.zeros_like(y)
+    ordered = torch.sort(y).values
+    prefix = torch.cat([ordered.new_zeros(1), torch.cumsum(ordered, 0)])
+    points = torch.sort(torch.cat([ordered, ordered - 1.0])).values
+
+    def s(tau: torch.Tensor) -> torch.Tensor:
+        low = torch.searchsorted(ordered, tau, right=True)  # entries <= tau contribute 0
+        high = torch.searchsorted(ordered, tau + 1.0, right=False)  # entries >= tau + 1 contribute 1
+        return (ordered.numel() - high) + (prefix[high] - prefix[low]) - tau * (high - low)
+
+    sums = s(points)
+    index = int(torch.nonzero(sums >= keep).max())
+    if index + 1 >= points.numel():
+        tau = points[index]
+    else:
+        left, right = points[index], points[index + 1]
+        s_left, s_right = sums[index], sums[index + 1]
+        tau = left if s_left == s_right else left + (s_left - keep) * (right - left) / (s_left - s_right)
+    return (y - tau).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -358,9 +648,13 @@ class RelaxationResult:
     seconds: float = 0.0
 
 
-def _starting_point(num_groups: int, keep: int, start: Sequence[int] | None, device) -> torch.Tensor:
+def _starting_point(num_groups: int, keep: int, start: Sequence[int] | torch.Tensor | None, device) -> torch.Tensor:
     if start is None:
         return torch.full((num_groups,), keep / num_groups, dtype=torch.float64, device=device)
+    if isinstance(start, torch.Tensor) and start.is_floating_point():  # a relaxed point
+        if start.shape != (num_groups,):
+            raise ValueError(f"start: expected a point of shape ({num_groups},), got {tuple(start.shape)}")
+        return project_capped_simplex(start.to(device=device, dtype=torch.float64), keep)
     z = torch.zeros(num_groups, dtype=torch.float64, device=device)
     z[list(start)] = 1.0
     return z
@@ -372,10 +666,11 @@ def relax(
     *,
     iterations: int = 200,
     method: str = "projected-gradient",
-    start: Sequence[int] | None = None,
+    start: Sequence[int] | torch.Tensor | None = None,
     rel_tol: float = 1e-7,
     time_limit: float | None = None,
     keep_cuts: bool = False,
+    cutoff: float | None = None,
 ) -> RelaxationResult:
     """Lower-bound ``min f(z)`` over ``{0 <= z <= 1, sum z <= keep}`` and hence the optimal loss.
 
@@ -383,7 +678,9 @@ def relax(
     Armijo-backtracked step; "projected-gradient" takes spectral (Barzilai-Borwein) projected
     gradient steps with a non-monotone line search. Both report the linearization bound at every
     iterate; the best one so far is ``bound``. Stops when the relative primal-dual gap is below
-    ``rel_tol``, after ``iterations`` iterations or ``time_limit`` seconds.
+    ``rel_tol``, after ``iterations`` iterations or ``time_limit`` seconds, or once the bound
+    reaches ``cutoff`` (branch and bound: the node is pruned). ``start``: group ids (the binary
+    point of a support) or a relaxed point ``(G,)`` (projected onto the feasible set).
     """
     if method not in ("frank-wolfe", "projected-gradient"):
         raise ValueError(f"method: expected 'frank-wolfe' or 'projected-gradient', got {method!r}")
@@ -405,7 +702,7 @@ def relax(
         best = max(best, safe_bound(linearization_bound(value, grad, z, keep), fn.c0))
         history.append(best)
         scale = max(abs(value), 1e-300)
-        if value - best <= rel_tol * scale:
+        if value - best <= rel_tol * scale or (cutoff is not None and best >= cutoff):
             break
         if time_limit is not None and time.perf_counter() - begin > time_limit:
             break

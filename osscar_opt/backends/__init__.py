@@ -25,6 +25,7 @@ _BUILTIN: dict[str, str] = {
     "gurobi": "osscar_opt.backends.gurobi:GurobiBackend",
     "cvxpy": "osscar_opt.backends.cvxpy:CvxpyBackend",
     "scip": "osscar_opt.backends.scip:ScipBackend",
+    "bnb": "osscar_opt.backends.bnb:BnbBackend",
 }
 _REGISTERED: dict[str, type[Backend]] = {}
 _entry_points_loaded = False

@@ -71,8 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--time-limit", type=float, default=60.0,
                         help="wall-clock seconds per exact backend call, setup included, and for each relaxation "
                         "bound (default 60)")
-    parser.add_argument("--shift", default="scalar", choices=("scalar", "block", "both"),
-                        help="shift of the certified relaxation bound (default scalar)")
+    parser.add_argument("--shift", default="diagonal", choices=("scalar", "diagonal", "block", "both"),
+                        help="shift of the certified relaxation bound: the diagonal (default) or block-diagonal D "
+                        "that maximizes it, the scalar lambda_min(H), or both scalar and block")
     parser.add_argument("--iterations", type=int, default=200, help="relaxation iterations (default 200)")
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="write the rows, with every backend's details, as JSON to OUT")
@@ -90,13 +91,15 @@ def _backends(items: list[str] | None) -> list[tuple[str, str]]:
     result = []
     for item in items:
         name, _, formulation = item.partition(":")
-        result.append((name, formulation or "outer-approximation"))
+        result.append((name, formulation or ("branch-and-bound" if name == "bnb" else "outer-approximation")))
     return result
 
 
 def _short_method(label: str) -> str:
     """``gurobi:outer-approximation`` -> ``gurobi:oa`` (the table's method column)."""
     name, _, formulation = label.partition(":")
+    if formulation == "branch-and-bound":
+        return name
     return f"{name}:oa" if formulation == "outer-approximation" else label
 
 

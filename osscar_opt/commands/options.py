@@ -315,7 +315,10 @@ def check_backend(name: str, options: dict[str, Any] | None = None, flag: str = 
     if allowed is not None:  # a plugin that does not declare its options checks them when it solves
         check_options(name, options, allowed)
         _check_option_values(options)
-    if formulation is not None and (allowed is None or "formulation" in allowed):
+    own = getattr(cls, "formulations", None)  # a backend with formulations of its own names them
+    if formulation is not None and own is not None and formulation not in own:
+        raise ValueError(f"{flag} {name}:{formulation}: formulation: expected one of {tuple(own)}, got {formulation!r}")
+    if formulation is not None and own is None and (allowed is None or "formulation" in allowed):
         from osscar_opt.backends._exact import check_formulation
 
         try:
