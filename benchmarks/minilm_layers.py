@@ -51,6 +51,7 @@ def minilm_layer_problems(samples: int = 32, seq_len: int = 64, damp: float = 1e
             handle.remove()
     return {
         name: accumulator.problem(structure.weight(), structure.groups, damp=damp,
-                                  bias=structure.consumer.bias.detach(), meta={"name": name, "kind": structure.kind})
+                                  bias=None if structure.consumer.bias is None else structure.consumer.bias.detach(),
+                                  meta={"name": name, "kind": structure.kind})
         for name, (accumulator, structure) in accumulators.items()
     }

@@ -277,9 +277,10 @@ def block_shift(problem: LayerProblem, keep: int, *, pattern: str = "block", ite
     - diagonal pattern (also any problem of single-column groups): damped Newton steps (the
       interior-point step of ``max S.d s.t. diag(d) <= H``; the barrier's Hessian
       ``A^{-1} o A^{-1} + diag(d)^{-2}``, ``A = H - D``, couples the coordinates);
-    - block pattern: it starts from the optimal diagonal and takes geodesic steps
+    - block pattern: the diagonal search first, then ``iterations / 2`` geodesic steps
       ``D_g^{1/2} exp(eta X_g) D_g^{1/2}`` on each block (``X_g`` the scaled gradient), ``eta``
-      adapted (grown after an ascent, halved otherwise).
+      adapted (grown after an ascent, halved otherwise); the best iterate of both is kept, so it
+      is never below the diagonal shift.
 
     Each evaluation of ``g`` is ``inner_iterations`` iterations of :func:`relax` warm-started from
     the previous relaxed point, so ``iterations`` steps cost about ``iterations * inner_iterations``
@@ -308,7 +309,7 @@ def block_shift(problem: LayerProblem, keep: int, *, pattern: str = "block", ite
         baseline = relax(PerspectiveFunction(problem, fallback), keep, iterations=inner_iterations)
     search.offer_bound(baseline.bound, None)
     single = all(size == 1 for size in problem.group_sizes)
-    diagonal_steps = iterations if pattern == "diagonal" or single else (iterations + 1) // 2
+    diagonal_steps = iterations
     current = search.evaluate(first, baseline.z)
     if current is not None:
         current = search.newton_diagonal(current, diagonal_steps)
@@ -316,7 +317,7 @@ def block_shift(problem: LayerProblem, keep: int, *, pattern: str = "block", ite
             blocks = [current["iterate"].diagonal[cols].diag() for cols in _blocks(problem)]
             block_start = search.evaluate(_ShiftIterate(problem, None, blocks), current["result"].z)
             if block_start is not None:
-                search.geodesic_blocks(block_start, iterations - diagonal_steps)
+                search.geodesic_blocks(block_start, (iterations + 1) // 2)
     kind = "block" if pattern == "block" and not single else pattern
     shift = fallback if search.best is None else safe_shift(problem, search.best.matrix(), kind)
     info = {"scalar_bound": baseline.bound if start is None else None, "block_bound": search.best_bound,

@@ -248,8 +248,12 @@ class _Search:
         if not force_in and not force_out:
             return node
         if set(force_in) & set(force_out):  # both halves pruned: the node is
-            self.pruned_floor = min(self.pruned_floor, cutoff)
+            self.pruned_floor = min(self.pruned_floor, cutoff - margin)
             return None
+        # the discarded halves' bounds are at least the cutoff: they bound what the search no longer sees
+        discarded = [float(out_bound[i]) for i in range(len(free)) if free[i] in force_in]
+        discarded += [float(in_bound[i]) for i in range(len(free)) if free[i] in force_out]
+        self.pruned_floor = min(self.pruned_floor, min(discarded) - margin)
         self.fixed_by_reduced_cost += len(force_in) + len(force_out)
         child = Node(node.bound, node.order, node.fixed_in | set(force_in), node.fixed_out | set(force_out), node.z,
                      node.diagonal)
@@ -294,7 +298,7 @@ class _Search:
         open_bound = min((node.bound for node in queue), default=math.inf)
         lower = min(open_bound, self.pruned_floor, self.incumbent.loss)
         gap = 0.0 if self.incumbent.loss <= 0 else (self.incumbent.loss - lower) / abs(self.incumbent.loss)
-        if status == "optimal" and gap > self.rel_gap * (1 + 1e-9):
+        if status == "optimal" and gap > self.rel_gap + 4 * BOUND_MARGIN:  # the bounds' round-off safety margin
             status = "inaccurate"
         return self.result(status, lower, begin, None, root_bound=root_bound, open_nodes=len(queue))
 

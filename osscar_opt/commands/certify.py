@@ -1,9 +1,10 @@
 """``osscar certify FILES... --keep K [K ...]``: heuristic vs exact / certified bound, one row per layer and keep.
 
 For every saved :class:`~osscar_opt.problem.LayerProblem` and every budget: the heuristic
-(``--heuristic``, default local-search) loss, the certified relaxation bound (``--shift``), and
-for every ``--backend`` (default scip and gurobi, outer approximation) the exact loss, its bound,
-status and seconds. ``--time-limit`` is a wall-clock limit on each exact backend call. A backend
+(``--heuristic``, default local-search) loss, the certified relaxation bound (``--shift``: the
+SDP-optimal ``diagonal`` shift by default, ``block``, ``scalar`` or ``both``), and for every
+``--backend`` (default scip and gurobi, outer approximation; ``bnb`` for the branch and bound) the
+exact loss, its bound, status and seconds. ``--time-limit`` is a wall-clock limit on each exact backend call. A backend
 that fails on a layer (e.g. the Gurobi size limit) gets its error in the row instead of stopping
 the run.
 
