@@ -210,15 +210,10 @@ class _ShiftIterate:
             return A_inv.diagonal().clone()
         return [A_inv[torch.meshgrid(cols, cols, indexing="ij")] for cols in self.columns]
 
-    def step(self, gradient, eta: float) -> _ShiftIterate:
-        """The geodesic step ``D^{1/2} exp(eta X / |X|) D^{1/2}`` with ``X = D^{1/2} gradient D^{1/2}``
-        (``|X|`` the largest spectral norm over blocks, so ``D`` changes by at most ``e^eta``)."""
-        if self.diagonal is not None:
-            scaled = self.diagonal * gradient
-            norm = float(scaled.abs().max())
-            if not norm > 0:
-                return self
-            return _ShiftIterate(self.problem, self.diagonal * torch.exp(eta * scaled / norm), None)
+    def step(self, gradient: list[torch.Tensor], eta: float) -> _ShiftIterate:
+        """The geodesic step ``D_g^{1/2} exp(eta X_g / |X|) D_g^{1/2}`` on every block, with
+        ``X_g = D_g^{1/2} gradient_g D_g^{1/2}`` (``|X|`` the largest spectral norm over blocks, so
+        ``D`` changes by at most ``e^eta``). Block pattern only (the diagonal takes Newton steps)."""
         roots, scaled = [], []
         for block, grad in zip(self.blocks, gradient, strict=True):
             values, vectors = torch.linalg.eigh(block)
@@ -237,16 +232,12 @@ class _ShiftIterate:
         return _ShiftIterate(self.problem, None, blocks)
 
 
-def _initial_iterate(problem: LayerProblem, diagonal: bool) -> _ShiftIterate:
-    """``0.9 (0.7 mu I + 0.3 t blockdiag(H_gg))``: a strictly valid starting point (the scalar and the
-    generalized block shift are both valid, so is their convex combination, and 0.9 of it is inside)."""
-    H = problem.H.to(torch.float64)
-    mu = scalar_shift(problem).scale
-    generalized = generalized_block_shift(problem).D
-    start = 0.9 * (0.7 * mu * torch.eye(H.shape[0], dtype=torch.float64, device=H.device) + 0.3 * generalized)
-    if diagonal:
-        return _ShiftIterate(problem, start.diagonal().clone(), None)
-    return _ShiftIterate(problem, None, [start[torch.meshgrid(c, c, indexing="ij")] for c in _blocks(problem)])
+def _initial_iterate(problem: LayerProblem, mu: float) -> _ShiftIterate:
+    """The diagonal of ``0.9 (0.7 mu I + 0.3 t blockdiag(H_gg))``: strictly valid (the scalar and the
+    generalized block shift are both valid, so is their convex combination and its diagonal part,
+    and 0.9 of it is inside)."""
+    generalized = generalized_block_shift(problem).D.diagonal()
+    return _ShiftIterate(problem, 0.9 * (0.7 * mu + 0.3 * generalized), None)
 
 
 def _shift_supergradient(fn: PerspectiveFunction, z: torch.Tensor, diagonal: bool):
@@ -255,7 +246,8 @@ def _shift_supergradient(fn: PerspectiveFunction, z: torch.Tensor, diagonal: boo
     (1 / z_g - 1)`` and ``B_g = z_g U_g``); 0 on always-kept columns. Diagonal: ``(p,)``."""
     z = z.to(fn.K)
     residual = fn.residual(z)  # Vhat = L^{-1} V
-    weight = fn.column_z(z) * (1.0 - fn.column_z(z))
+    column_z = fn.column_z(z)
+    weight = column_z * (1.0 - column_z)
     if diagonal:
         return weight * residual.square().sum(1) / fn.shift.diagonal
     U = fn.shift.L_inv.T @ residual
@@ -302,17 +294,16 @@ def block_shift(problem: LayerProblem, keep: int, *, pattern: str = "block", ite
     if start is None:  # the scalar shift is the baseline, and the fallback
         fallback = scalar_shift(problem)
         baseline = relax(PerspectiveFunction(problem, fallback), keep, iterations=max(inner_iterations, 30))
-        first = _initial_iterate(problem, True)
+        first = _initial_iterate(problem, fallback.scale)
     else:  # the start is (0.98 of) the baseline
         first = _ShiftIterate(problem, 0.98 * start.to(torch.float64), None)
         fallback = safe_shift(problem, first.matrix(), "diagonal")
         baseline = relax(PerspectiveFunction(problem, fallback), keep, iterations=inner_iterations)
     search.offer_bound(baseline.bound, None)
     single = all(size == 1 for size in problem.group_sizes)
-    diagonal_steps = iterations
     current = search.evaluate(first, baseline.z)
     if current is not None:
-        current = search.newton_diagonal(current, diagonal_steps)
+        current = search.newton_diagonal(current, iterations)
         if pattern == "block" and not single:
             blocks = [current["iterate"].diagonal[cols].diag() for cols in _blocks(problem)]
             block_start = search.evaluate(_ShiftIterate(problem, None, blocks), current["result"].z)
@@ -476,6 +467,7 @@ class PerspectiveFunction:
         self.always = labels < 0
         self.num_groups = problem.num_groups
         self.evaluations = 0
+        self.columns: torch.Tensor | None = None  # the problem's columns this function covers (None: all)
 
     def restrict(self, fixed_in: Sequence[int], fixed_out: Sequence[int],
                  diagonal: torch.Tensor | None = None) -> tuple[PerspectiveFunction, list[int]]:
@@ -490,7 +482,7 @@ class PerspectiveFunction:
 
         ``diagonal`` (``(p,)``, over all columns): use the diagonal shift ``diag(diagonal)`` on the
         kept columns instead of this function's shift; it must satisfy ``H_RR - D_RR >= 0`` there
-        (:meth:`node_problem` and :func:`block_shift` give one).
+        (:func:`block_shift` on :meth:`partial_problem` gives one).
         """
         fixed_in, fixed_out = set(int(g) for g in fixed_in), set(int(g) for g in fixed_out)
         if fixed_in & fixed_out:
@@ -526,15 +518,15 @@ class PerspectiveFunction:
         restricted.columns = columns
         return restricted, free
 
-    def node_problem(self, fixed_in: Sequence[int], fixed_out: Sequence[int]) -> tuple[LayerProblem, list[int]]:
-        """The :class:`LayerProblem` of a partial assignment (as in :meth:`restrict`): the kept columns'
-        ``H`` and thin factor, fixed-in columns always kept (group -1), the free groups renumbered
-        ``0..len(free)-1``. Its shifts are valid shifts of the partial assignment."""
-        restricted, free = self.restrict(fixed_in, fixed_out)
-        columns = restricted.columns
-        H = self.problem.H.to(self.K)[columns][:, columns]
-        problem = LayerProblem(H, restricted.C, self.c0, restricted.labels.clone(), validate=False)
-        return problem, free
+    def partial_problem(self) -> LayerProblem:
+        """The :class:`LayerProblem` whose perspective function this is: for a function returned by
+        :meth:`restrict`, the partial assignment's problem (the kept columns' ``H`` and thin factor,
+        fixed-in columns always kept, the free groups renumbered). Its valid shifts are valid shifts
+        of the partial assignment."""
+        if self.columns is None:
+            return self.problem
+        H = self.problem.H.to(self.K)[self.columns][:, self.columns]
+        return LayerProblem(H, self.C, self.c0, self.labels.clone(), validate=False)
 
     def column_z(self, z: torch.Tensor) -> torch.Tensor:
         """``(p,)`` z repeated over each group's columns, 1 on always-kept columns."""
@@ -636,6 +628,7 @@ class RelaxationResult:
         history: best bound after every iteration (non-decreasing).
         z: the last iterate ``(G,)``.
         value: ``f(z)`` at the last iterate (the relaxation's primal value, an upper bound on its optimum).
+        grad: ``grad f(z)`` at the last iterate ``(G,)``.
         cuts: the linearizations computed (for outer-approximation masters).
         iterations: iterations done; ``seconds``: wall time.
     """
@@ -644,6 +637,7 @@ class RelaxationResult:
     history: list[float]
     z: torch.Tensor
     value: float
+    grad: torch.Tensor
     cuts: list[Cut] = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0
@@ -731,4 +725,4 @@ def relax(
         step = float(s @ s) / curvature if curvature > 0 else step * 2.0
         z, value, grad = candidate, new_value, new_grad
         recent.append(value)
-    return RelaxationResult(best, history, z, value, cuts, done, time.perf_counter() - begin)
+    return RelaxationResult(best, history, z, value, grad, cuts, done, time.perf_counter() - begin)

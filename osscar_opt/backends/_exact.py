@@ -81,10 +81,11 @@ def common_options(options: dict[str, Any]) -> CommonOptions:
     )
 
 
-def check_count(name: str, value: Any) -> int:
-    """A positive integer count (iterations, masters), else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """An integer count of at least ``minimum`` (iterations, masters), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{name}: expected a {kind} integer, got {value!r}")
     return value
 
 

@@ -92,9 +92,9 @@ class BnbBackend(Backend):
         shift_name = options.get("shift", "diagonal")
         if shift_name not in ("scalar",) + PATTERNS:
             raise ValueError(f"shift: expected one of {('scalar',) + PATTERNS}, got {shift_name!r}")
-        shift_iterations = _count("shift_iterations", options.get("shift_iterations", 40), allow_zero=True)
+        shift_iterations = _exact.check_count("shift_iterations", options.get("shift_iterations", 40), minimum=0)
         node_iterations = _exact.check_count("node_iterations", options.get("node_iterations", 40))
-        node_shift_steps = _count("node_shift_steps", options.get("node_shift_steps", 0), allow_zero=True)
+        node_shift_steps = _exact.check_count("node_shift_steps", options.get("node_shift_steps", 0), minimum=0)
         if node_shift_steps and shift_name == "block" and max(problem.group_sizes) > 1:
             raise ValueError("node_shift_steps: re-optimizes a diagonal shift; use shift='diagonal' or 'scalar'")
         max_nodes = options.get("max_nodes")
@@ -117,12 +117,6 @@ class BnbBackend(Backend):
                                 time_limit=_exact._share(deadline))[0]
         search.fn = PerspectiveFunction(problem, shift)
         return search.run(max_nodes, begin)
-
-
-def _count(name: str, value: Any, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
-    return value
 
 
 class _Search:
@@ -178,13 +172,12 @@ class _Search:
         self.offer(_exact.support_of(z, self.keep))
         if self.pruned(node):
             return None
-        return self.fix_by_reduced_cost(node, restricted, free, result.z, budget)
+        return self.fix_by_reduced_cost(node, free, result, budget)
 
     def reoptimize_shift(self, node: Node, restricted: PerspectiveFunction, result, budget: int):
         """A few steps of the diagonal shift search on the node's own problem, warm-started from the
         inherited shift; the node (and its children) keep the new shift where it bounds better."""
-        problem, _ = self.fn.node_problem(node.fixed_in, node.fixed_out)
-        columns = restricted.columns
+        problem, columns = restricted.partial_problem(), restricted.columns
         inherited = (self.fn.shift.diagonal if node.diagonal is None else node.diagonal).to(restricted.K)
         shift, _ = block_shift(problem, budget, pattern="diagonal", iterations=self.node_shift_steps,
                                inner_iterations=max(self.node_iterations // 2, 5), start=inherited[columns])
@@ -221,39 +214,39 @@ class _Search:
         extra = float(torch.topk(slopes, drop, largest=False).values.sum()) if drop > 0 else 0.0
         return safe_bound(cut.value + extra, self.problem.c0)
 
-    def fix_by_reduced_cost(self, node: Node, restricted: PerspectiveFunction, free: list[int], z: torch.Tensor,
-                            budget: int) -> Node | None:
+    def fix_by_reduced_cost(self, node: Node, free: list[int], result, budget: int) -> Node | None:
         """Fix free groups whose opposite value would push the node's linearization bound past the cutoff.
 
-        At the node's relaxed point the bound is ``f(z) + sum of the budget most negative slopes -
-        grad . z``; forcing group ``g`` out replaces its slope by the next one, forcing it in
-        replaces the last chosen one by it. Both are valid bounds of the two halves of the node.
+        At the node's relaxed point ``z`` (``result``: its value and gradient) the bound is ``f(z) +
+        sum of the budget most negative slopes - grad . z``; forcing group ``g`` out replaces its
+        slope by the next one, forcing it in replaces the last chosen one by it. Both are valid
+        bounds of the two halves of the node.
         """
         cutoff = self.cutoff()
-        value, grad = restricted.value_and_grad(z)
+        if not math.isfinite(cutoff):
+            return node
+        grad = result.grad
         order = torch.argsort(grad)  # most negative first
         chosen = order[:budget]
-        base = value + float(grad[chosen].sum()) - float(grad @ z)
+        base = result.value + float(grad[chosen].sum()) - float(grad @ result.z)
         next_slope = float(grad[order[budget]]) if budget < grad.numel() else 0.0
         last_chosen = float(grad[order[budget - 1]])
         in_chosen = torch.zeros_like(grad, dtype=torch.bool)
         in_chosen[chosen] = True
         out_bound = torch.where(in_chosen, base - grad + next_slope, torch.full_like(grad, base))
         in_bound = torch.where(in_chosen, torch.full_like(grad, base), base + grad - last_chosen)
-        if not math.isfinite(cutoff):
-            return node
         margin = BOUND_MARGIN * max(abs(cutoff), 1.0)
-        force_in = [free[i] for i in torch.nonzero(out_bound - margin >= cutoff).flatten().tolist()]
-        force_out = [free[i] for i in torch.nonzero(in_bound - margin >= cutoff).flatten().tolist()]
-        if not force_in and not force_out:
+        must_in, must_out = out_bound - margin >= cutoff, in_bound - margin >= cutoff
+        if not bool(must_in.any() or must_out.any()):
             return node
-        if set(force_in) & set(force_out):  # both halves pruned: the node is
+        if bool((must_in & must_out).any()):  # both halves pruned: the node is
             self.pruned_floor = min(self.pruned_floor, cutoff - margin)
             return None
         # the discarded halves' bounds are at least the cutoff: they bound what the search no longer sees
-        discarded = [float(out_bound[i]) for i in range(len(free)) if free[i] in force_in]
-        discarded += [float(in_bound[i]) for i in range(len(free)) if free[i] in force_out]
-        self.pruned_floor = min(self.pruned_floor, min(discarded) - margin)
+        discarded = torch.cat([out_bound[must_in], in_bound[must_out]])
+        self.pruned_floor = min(self.pruned_floor, float(discarded.min()) - margin)
+        force_in = [free[i] for i in torch.nonzero(must_in).flatten().tolist()]
+        force_out = [free[i] for i in torch.nonzero(must_out).flatten().tolist()]
         self.fixed_by_reduced_cost += len(force_in) + len(force_out)
         child = Node(node.bound, node.order, node.fixed_in | set(force_in), node.fixed_out | set(force_out), node.z,
                      node.diagonal)
