@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
+from osscar_opt import problem_file
 from osscar_opt.executors import make_executor
 from osscar_opt.executors.base import DEFAULT_RETRIES, Executor
 from osscar_opt.plain import plain
 from osscar_opt.problem import LayerProblem
+from osscar_opt.results_file import ResultsFile
 
-RESULTS_FORMAT = "osscar_opt.batch"
-RESULTS_VERSION = 1
 TASK_KINDS = ("solve", "curve", "certify")
 _CACHE_SIZE = 2  # problems a worker keeps loaded between its tasks (tasks come grouped by problem)
 _cache: OrderedDict[str, LayerProblem] = OrderedDict()
@@ -87,7 +87,7 @@ def content_id(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> str:
 
 
 def _problem_id(problem: LayerProblem) -> str:
-    return content_id(*problem._serialized())
+    return content_id(*problem_file.encode(problem))
 
 
 def _file_id(path: Path) -> str:
@@ -241,101 +241,6 @@ def is_error(row: Mapping[str, Any]) -> bool:
     return row.get("status") == "error"
 
 
-# --------------------------------------------------------------------------- results file
-class ResultsFile:
-    """The append-only JSON-lines record of a batch (see the module docstring).
-
-    The first line is ``{"format": "osscar_opt.batch", "version": 1, "problems": [[id, name], ...]}``;
-    every other line is one finished task's row with its ``key``. A torn last line (the writer was
-    killed mid-line) is dropped; a damaged line before it is an error naming the line.
-    """
-
-    def __init__(self, path: str | os.PathLike, sources: Sequence[ProblemSource]) -> None:
-        self.path = Path(path)
-        self.problems = [[source.id, source.name] for source in sources]
-        self._handle = None
-
-    def open(self) -> dict[str, dict[str, Any]]:
-        """Lock the file (creating it with its header when new) and return the rows it holds by key."""
-        import fcntl
-
-        if self.path.is_dir():
-            raise ValueError(f"results: {self.path} is a folder, expected a file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+b")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise ValueError(f"results: {self.path} is in use by another running batch") from None
-        try:
-            handle.seek(0)
-            rows = self._read(handle)
-        except BaseException:
-            handle.close()
-            raise
-        self._handle = handle
-        return rows
-
-    def _read(self, handle) -> dict[str, dict[str, Any]]:
-        data = handle.read()
-        if not data:
-            handle.write((json.dumps({"format": RESULTS_FORMAT, "version": RESULTS_VERSION,
-                                      "problems": self.problems}) + "\n").encode())
-            self._sync(handle)
-            return {}
-        lines = data.split(b"\n")
-        complete = len(lines) - 1  # the text after the last newline is torn (or empty)
-        header = _json_line(lines[0]) if complete else None
-        if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
-            raise ValueError(f"results: {self.path} exists and is not an osscar_opt batch results file; "
-                             "give another path (it is left untouched)")
-        if header.get("version") != RESULTS_VERSION:
-            raise ValueError(f"results: {self.path} has batch format version {header.get('version')!r}, "
-                             f"this osscar_opt writes version {RESULTS_VERSION}")
-        theirs = {str(pid): name for pid, name in header.get("problems", [])}
-        ours = dict(self.problems)
-        if set(theirs) != set(ours):
-            missing = sorted(ours[pid] for pid in set(ours) - set(theirs))[:3]
-            extra = sorted(theirs[pid] for pid in set(theirs) - set(ours))[:3]
-            raise ValueError(
-                f"results: {self.path} holds the results of another batch ({len(theirs)} problems; this batch has "
-                f"{len(ours)}; not in the file: {missing or 'none'}; only in the file: {extra or 'none'}); give "
-                "another --results file or remove this one"
-            )
-        rows: dict[str, dict[str, Any]] = {}
-        for number, line in enumerate(lines[1:complete], start=2):
-            row = _json_line(line)
-            if not isinstance(row, dict) or "key" not in row:
-                raise ValueError(f"results: {self.path} line {number} is damaged (not a batch row)")
-            rows[row["key"]] = row  # a later row of a task (a retried error) replaces the earlier one
-        if lines[-1]:  # a torn last line: cut it off before appending
-            handle.truncate(len(data) - len(lines[-1]))
-        return rows
-
-    @staticmethod
-    def _sync(handle) -> None:
-        handle.flush()
-        os.fsync(handle.fileno())
-
-    def append(self, row: dict[str, Any]) -> None:
-        assert self._handle is not None, "open() first"
-        self._handle.write((json.dumps(row, allow_nan=False) + "\n").encode())
-        self._sync(self._handle)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-def _json_line(line: bytes) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
 # --------------------------------------------------------------------------- running
 def _row_head(task: Task, source: ProblemSource, key: str) -> dict[str, Any]:
     head = {"key": key, "task": task.kind, "problem_id": source.id, "file": source.file, "name": source.name,
@@ -375,7 +280,7 @@ def run_tasks(
     owned = not isinstance(executor, Executor)
     runner = make_executor(executor, workers, retries, address) if owned else executor
     try:
-        record = ResultsFile(results, sources) if results is not None else None
+        record = ResultsFile(results, [(s.id, s.name) for s in sources]) if results is not None else None
         done = record.open() if record is not None else {}
     except BaseException:
         if owned:

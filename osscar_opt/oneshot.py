@@ -148,7 +148,7 @@ def oneshot(
     compute = None
     if offload and (device is not None or isinstance(model, str | os.PathLike)):
         from osscar_opt.models import parse_device
-        from osscar_opt.pipeline import resolve_device
+        from osscar_opt.pipeline.placement import resolve_device
 
         compute = resolve_device(parse_device(device))
     backends.get(backend)

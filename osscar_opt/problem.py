@@ -15,22 +15,19 @@ This module knows nothing about torch modules: a :class:`LayerProblem` is plain 
 
 from __future__ import annotations
 
-import json
 import math
-import operator
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_NAME = "osscar_opt.LayerProblem"
-FORMAT_VERSION = "1"
+from osscar_opt import problem_file
+from osscar_opt.groups import GroupsLike, as_group_id, group_of_column_from
+from osscar_opt.moments import Moments, reconstruction_moments
 
-GroupsLike = Sequence[Sequence[int]] | torch.Tensor | Sequence[int]
+__all__ = ["GroupsLike", "LayerProblem", "Moments", "group_of_column_from", "reconstruction_moments"]
 
 
 def _as_float64(name: str, value, ndim: int | None = None) -> torch.Tensor:
@@ -48,191 +45,6 @@ def _as_float64(name: str, value, ndim: int | None = None) -> torch.Tensor:
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name}: contains {bad} NaN or Inf entries")
     return tensor
-
-
-def _group_id(value) -> int:
-    """An integer group id; floats (even 2.0), strings and bools are refused, never converted."""
-    if isinstance(value, bool | str | bytes):
-        raise TypeError(f"group id {value!r} is not an integer")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"group id {value!r} is not an integer") from None
-
-
-def _column_indices(columns, group_id: int) -> torch.Tensor:
-    """One group's column indices as a tensor; strings, nested lists and floats are refused by name."""
-    if isinstance(columns, torch.Tensor):
-        return columns
-    if isinstance(columns, str | bytes) or not hasattr(columns, "__iter__"):
-        raise ValueError(f"groups: group {group_id} must be a list of column indices, got {columns!r}")
-    try:
-        return torch.as_tensor([_group_id(column) for column in columns], dtype=torch.int64)
-    except TypeError as exc:
-        raise ValueError(f"groups: group {group_id} must be a flat list of integer column indices ({exc})") from None
-
-
-def _is_label_vector(groups) -> bool:
-    """True when ``groups`` is a flat integer array (group_of_column), not a list of groups."""
-    if isinstance(groups, str | bytes):
-        return False
-    if isinstance(groups, torch.Tensor) or hasattr(groups, "__array__"):
-        return torch.as_tensor(groups).dim() == 1
-    return len(groups) > 0 and not hasattr(groups[0], "__len__") and not isinstance(groups[0], torch.Tensor)
-
-
-def group_of_column_from(groups: GroupsLike, num_columns: int) -> torch.Tensor:
-    """Normalize ``groups`` to an int64 vector ``group_of_column`` of length ``num_columns``.
-
-    ``groups`` is either a sequence of disjoint index sequences (group ``g`` owns the listed
-    columns; unlisted columns are always kept) or an integer array of length ``num_columns`` giving
-    each column's group id, with -1 for always-kept columns. Group ids must be ``0..G-1``, each used.
-    """
-    if _is_label_vector(groups):
-        labels = torch.as_tensor(groups)
-        if labels.is_floating_point() or labels.dim() != 1:
-            raise ValueError("groups: an integer group_of_column vector must be 1-D integers")
-        if labels.numel() != num_columns:
-            raise ValueError(f"groups: group_of_column has length {labels.numel()}, expected {num_columns}")
-        labels = labels.to(torch.int64).cpu()
-        if (labels < -1).any():
-            raise ValueError("groups: group ids must be >= -1 (-1 marks an always-kept column)")
-        used = labels[labels >= 0]
-        if used.numel() == 0:
-            raise ValueError("groups: no prunable group (every column is -1)")
-        count = int(used.max()) + 1
-        present = torch.zeros(count, dtype=torch.bool)
-        present[used] = True
-        if not present.all():
-            missing = torch.nonzero(~present).flatten()[:5].tolist()
-            raise ValueError(f"groups: group ids must be contiguous 0..{count - 1}; empty groups {missing}")
-        return labels
-    labels = torch.full((num_columns,), -1, dtype=torch.int64)
-    if isinstance(groups, str | bytes) or len(groups) == 0:
-        raise ValueError(f"groups: expected a list of column-index lists or a group_of_column vector, got {groups!r}")
-    for group_id, columns in enumerate(groups):
-        index = _column_indices(columns, group_id)
-        if index.numel() == 0:
-            raise ValueError(f"groups: group {group_id} is empty")
-        if index.is_floating_point():
-            raise ValueError(f"groups: group {group_id} has non-integer column indices")
-        index = index.to(torch.int64).flatten().cpu()
-        if (index < 0).any() or (index >= num_columns).any():
-            raise ValueError(
-                f"groups: group {group_id} has column indices outside [0, {num_columns - 1}]"
-            )
-        if index.unique().numel() != index.numel():
-            raise ValueError(f"groups: group {group_id} lists a column twice")
-        clash = labels[index] >= 0
-        if clash.any():
-            column = int(index[clash][0])
-            raise ValueError(
-                f"groups: groups overlap: column {column} is in group {int(labels[column])} and {group_id}"
-            )
-        labels[index] = group_id
-    return labels
-
-
-@dataclass
-class Moments:
-    """Raw (un-ridged) least-squares moments of one layer over a set of calibration rows.
-
-    ``xtx`` is ``X^T X`` (p x p), ``xty`` is ``X^T Y`` (p x m) and ``y_square`` is ``||Y||_F^2``,
-    where ``X`` has the same columns as the problem (the constant-1 bias column included when the
-    bias is re-fit) and ``Y`` is the part of the target the kept weights reconstruct. ``anchor``
-    ``(m, p)`` is what the ridge pulls the weights towards (the current weight, and bias);
-    ``inputs`` is the number of input columns (``p`` without the bias column).
-    A held-out :class:`Moments` measures how a support's re-fit weights generalize
-    (:meth:`error`); :meth:`LayerProblem.from_moments` adds the ridge to the fit rows' moments.
-    """
-
-    xtx: torch.Tensor
-    xty: torch.Tensor
-    y_square: float
-    rows: float
-    anchor: torch.Tensor
-    inputs: int
-
-    def error(self, full_weights: torch.Tensor) -> float:
-        """``||Y - X B^T||_F^2`` for weights ``B`` (m x p, bias column included), float64."""
-        B = full_weights.to(self.xtx.device, torch.float64)
-        if B.shape != self.anchor.shape:
-            raise ValueError(f"full_weights: expected shape {tuple(self.anchor.shape)}, got {tuple(B.shape)}")
-        columns = torch.nonzero(B.abs().sum(0)).flatten()
-        return self.error_on(columns, B[:, columns].T)
-
-    def error_on(self, columns: torch.Tensor, kept_t: torch.Tensor) -> float:
-        """:meth:`error` of weights that are ``kept_t.T`` (m x |columns|) on ``columns`` and 0 elsewhere."""
-        if columns.numel() == 0:
-            return self.y_square
-        xtx = self.xtx[columns][:, columns]
-        return (
-            self.y_square - 2.0 * float((kept_t * self.xty[columns]).sum()) + float(((xtx @ kept_t) * kept_t).sum())
-        )
-
-    def ridge(self, damp: float) -> float:
-        """The ridge weight ``lam = damp * mean(diag(X^T X))`` over the input columns (the bias column
-        left out; ``damp`` itself when the inputs never fire). The one rule, also for :class:`LayerProblem`."""
-        scale = float(torch.diagonal(self.xtx)[: self.inputs].mean())
-        return damp * scale if scale > 0 else float(damp)
-
-    def ridge_fit(self, columns: torch.Tensor, damp: float) -> torch.Tensor:
-        """Kept weights ``(|columns|, m)`` (transposed) of the ridge fit on ``columns`` at relative ``damp``."""
-        lam = self.ridge(damp)
-        H = self.xtx[columns][:, columns] + lam * torch.eye(len(columns), dtype=torch.float64, device=self.xtx.device)
-        G = self.xty[columns] + lam * self.anchor[:, columns].T
-        return torch.cholesky_solve(G, torch.linalg.cholesky(H))
-
-    def to(self, device: torch.device | str | None = None) -> Moments:
-        return Moments(
-            self.xtx.to(device), self.xty.to(device), self.y_square, self.rows, self.anchor.to(device), self.inputs
-        )
-
-
-def reconstruction_moments(
-    xtx: torch.Tensor,
-    x_sum: torch.Tensor,
-    rows: float,
-    W: torch.Tensor,
-    *,
-    targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    bias: torch.Tensor | None = None,
-    refit_bias: bool = False,
-) -> Moments:
-    """The :class:`Moments` of a layer with weight ``W`` (m x p, float64) from input moments.
-
-    ``xtx`` (p x p), ``x_sum`` (p,) and ``rows`` describe the inputs; ``targets`` is ``(X^T Y,
-    column sums of Y, ||Y||^2)`` of tracked targets (which include ``bias``), or None for
-    ``Y = X W^T + bias``. Without ``refit_bias`` the bias is subtracted from the targets and kept
-    as is; with it a constant-1 column is appended whose weight is the new bias.
-    """
-    m, p = W.shape
-    device = xtx.device
-    b = torch.zeros(m, dtype=torch.float64, device=device) if bias is None else bias.to(device, torch.float64)
-    n = float(rows)
-    if targets is None:
-        xty = xtx @ W.T
-        y_sum = W @ x_sum
-        y_square = float((W @ xtx * W).sum())
-    else:
-        xty, y_sum, y_square = targets
-        if bias is not None:
-            # The tracked targets contain the bias: subtract it from every row.
-            xty = xty - torch.outer(x_sum, b)
-            y_square = y_square - 2.0 * float(b @ y_sum) + n * float(b @ b)
-            y_sum = y_sum - n * b
-    if not refit_bias:
-        return Moments(xtx, xty, float(y_square), rows, W, p)
-    # Augmented column of ones, its weight is the bias: targets are (Y - b) + b = Y_full.
-    xtx_full = torch.zeros((p + 1, p + 1), dtype=torch.float64, device=device)
-    xtx_full[:p, :p] = xtx
-    xtx_full[:p, p] = x_sum
-    xtx_full[p, :p] = x_sum
-    xtx_full[p, p] = n
-    xty_full = torch.cat([xty + torch.outer(x_sum, b), (y_sum + n * b)[None, :]], dim=0)
-    y_full_square = y_square + 2.0 * float(b @ y_sum) + n * float(b @ b)
-    anchor = torch.cat([W, b[:, None]], dim=1)
-    return Moments(xtx_full, xty_full, float(y_full_square), rows, anchor, p)
 
 
 class LayerProblem:
@@ -548,7 +360,7 @@ class LayerProblem:
         if isinstance(support, str | bytes):
             raise ValueError(f"{name}: expected an iterable of integer group ids, got the string {support!r}")
         try:
-            ids = sorted(_group_id(g) for g in support)
+            ids = sorted(as_group_id(g) for g in support)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name}: expected an iterable of integer group ids ({exc})") from exc
         if len(set(ids)) != len(ids):
@@ -640,7 +452,7 @@ class LayerProblem:
         listed = list(groups) if not isinstance(groups, str | bytes) else groups
         if not self.check_support(listed, "groups"):
             raise ValueError("groups: expected at least one group id")
-        order = [_group_id(g) for g in listed]
+        order = [as_group_id(g) for g in listed]
         columns = torch.cat([self.groups[g] for g in order]).to(self.H.device)
         labels = torch.cat([torch.full((self.group_sizes[g],), j, dtype=torch.int64) for j, g in enumerate(order)])
         H = self.H.to(torch.float64)
@@ -676,160 +488,41 @@ class LayerProblem:
             validate=False,
         )
 
-    def _serialized(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The tensors (CPU, float64 / int64) and string metadata of the safetensors form."""
-        tensors = {
-            "H": self.H.detach().to("cpu", torch.float64).contiguous(),
-            "G": self.G.detach().to("cpu", torch.float64).contiguous(),
-            "group_of_column": self.group_of_column.detach().to("cpu", torch.int64).contiguous(),
-        }
-        if self.xtx_diag is not None:
-            tensors["xtx_diag"] = self.xtx_diag.detach().to("cpu", torch.float64).contiguous()
-        if self.weight is not None:
-            tensors["weight"] = self.weight.detach().to("cpu", torch.float64).contiguous()
-        if self.keep is not None:
-            tensors["keep"] = torch.tensor(self._checked_keep(self.keep), dtype=torch.int64)
-        if self.input_var is not None:
-            tensors["input_var"] = self.input_var.detach().to("cpu", torch.float64).contiguous()
-        if self.heldout is not None:
-            for key in ("xtx", "xty", "anchor"):
-                tensors[f"heldout.{key}"] = getattr(self.heldout, key).detach().to("cpu", torch.float64).contiguous()
-        metadata = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "c0": repr(self.c0),
-            "lam": repr(self.lam),
-            "has_bias_column": "1" if self.has_bias_column else "0",
-            "meta": json.dumps(self.meta, sort_keys=True),
-        }
-        if self.heldout is not None:
-            metadata["heldout.y_square"] = repr(self.heldout.y_square)
-            metadata["heldout.rows"] = repr(float(self.heldout.rows))
-            metadata["heldout.inputs"] = str(self.heldout.inputs)
-        return tensors, metadata
-
     def save(self, path: str | os.PathLike) -> None:
-        """Write the problem as safetensors (no pickle); the file is replaced atomically."""
-        from safetensors.torch import save_file
-
-        tensors, metadata = self._serialized()
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            os.replace(temporary, path)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
+        """Write the problem as safetensors (:mod:`osscar_opt.problem_file`); replaced atomically."""
+        problem_file.write(self, path)
 
     def to_bytes(self) -> bytes:
-        """The problem in the safetensors form :meth:`save` writes, as bytes (how a batch sends
-        in-memory problems to workers: no pickle)."""
-        from safetensors.torch import save
-
-        tensors, metadata = self._serialized()
-        return save(tensors, metadata=metadata)
+        """The problem in the form :meth:`save` writes, as bytes (how a batch sends in-memory
+        problems to workers: no pickle)."""
+        return problem_file.to_bytes(self)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "<bytes>") -> LayerProblem:
         """Read :meth:`to_bytes`'s form; ``name`` stands for the source in error messages."""
-        from safetensors.torch import load
-
-        with _unreadable(name, "data"):
-            if not isinstance(data, bytes | bytearray | memoryview):
-                raise ValueError(f"expected bytes, got {type(data).__name__}")
-            data = bytes(data)
-            if len(data) < 8:
-                raise ValueError("too short for a safetensors header")
-            size = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8:8 + size])
-            metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
-            cls._check_format(metadata, name)
-            tensors = load(data)
-        return cls._from_parts(tensors, metadata, name)
-
-    @staticmethod
-    def _check_format(metadata: dict[str, str], name: object) -> None:
-        if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"path: {name} is not an osscar_opt LayerProblem file")
-        if metadata.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"path: {name} has format version {metadata.get('version')!r}, "
-                f"this osscar_opt reads version {FORMAT_VERSION}"
-            )
-
-    @classmethod
-    def _read(cls, path: Path, names: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The tensors (all, or those in ``names``) and metadata of a problem file; ValueError naming it."""
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise ValueError(f"path: no such problem file: {path}")
-        with _unreadable(path), safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            cls._check_format(metadata, path)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()  # noqa: SIM118
-                       if names is None or key in names}
-        return tensors, metadata
+        return cls._from_file(*problem_file.read_bytes(data, name), name)
 
     @classmethod
     def peek(cls, path: str | os.PathLike) -> dict[str, Any]:
         """``{"name", "kind", "groups", "keep"}`` of a saved problem, read without its matrices
         (no ``H`` is loaded or factored); a foreign or corrupt file raises ValueError like :meth:`load`."""
-        path = Path(path)
-        tensors, metadata = cls._read(path, {"group_of_column", "keep"})
-        try:
-            meta = json.loads(metadata.get("meta", "{}"))
-            labels = tensors["group_of_column"]
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"path: {path} is not a readable osscar_opt LayerProblem file ({exc!r})") from exc
-        groups = int(labels.max()) + 1 if labels.numel() else 0
-        return {"name": str(meta.get("name", path.stem)), "kind": str(meta.get("kind", "")), "groups": groups,
-                "keep": _saved_keep(path, tensors.get("keep"))}
+        return problem_file.peek(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LayerProblem:
         """Read a problem written by :meth:`save`; a corrupt or foreign file raises ValueError."""
         path = Path(path)
-        return cls._from_parts(*cls._read(path), path)
+        return cls._from_file(*problem_file.read(path), path)
 
     @classmethod
-    def _from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: object) -> LayerProblem:
-        """The problem from the safetensors form's tensors and metadata; ``path`` names the source in errors."""
-        with _unreadable(path):
-            c0 = float(metadata["c0"])
-            lam = float(metadata["lam"])
-            has_bias_column = metadata["has_bias_column"] == "1"
-            meta = json.loads(metadata.get("meta", "{}"))
-            H, G, labels = tensors["H"], tensors["G"], tensors["group_of_column"]
-            heldout = None
-            if "heldout.xtx" in tensors:
-                heldout = Moments(
-                    tensors["heldout.xtx"], tensors["heldout.xty"], float(metadata["heldout.y_square"]),
-                    float(metadata["heldout.rows"]), tensors["heldout.anchor"], int(metadata["heldout.inputs"]),
-                )
-        if labels.dtype != torch.int64:
-            raise ValueError(f"path: {path} has group_of_column of dtype {labels.dtype}, expected int64")
+    def _from_file(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: object) -> LayerProblem:
+        """The problem from its file form; an inconsistent field is a ValueError naming ``source``."""
+        arguments = problem_file.constructor_arguments(tensors, metadata, source)
         try:
-            if H.dim() != 2 or H.shape[0] != H.shape[1]:
-                raise ValueError(f"H: expected a square (p, p) matrix, got shape {tuple(H.shape)}")
-            labels_checked = group_of_column_from(labels, H.shape[0])
-            return cls(
-                H,
-                G,
-                c0,
-                labels_checked,
-                lam=lam,
-                xtx_diag=tensors.get("xtx_diag"),
-                weight=tensors.get("weight"),
-                has_bias_column=has_bias_column,
-                meta=meta,
-                keep=_saved_keep(path, tensors.get("keep")),
-                input_var=tensors.get("input_var"),
-                heldout=heldout,
-            )
+            arguments["group_of_column"] = group_of_column_from(arguments["group_of_column"], arguments["H"].shape[0])
+            return cls(**arguments)
         except ValueError as exc:  # an inconsistent field: name the file
-            raise ValueError(f"path: {path} holds an invalid problem: {exc}") from exc
+            raise ValueError(f"path: {source} holds an invalid problem: {exc}") from exc
 
     @property
     def keep(self) -> int | None:
@@ -852,27 +545,3 @@ class LayerProblem:
             f"groups={self.num_groups}, group_sizes={sizes}, lam={self.lam:.3g}, "
             f"bias_column={self.has_bias_column}, meta={self.meta})"
         )
-
-
-@contextmanager
-def _unreadable(source: object, what: str = "file") -> Iterator[None]:
-    """Turn any failure to parse ``source`` into ``ValueError("path: <source> is not a readable ...")``
-    (an error that already names it passes unchanged)."""
-    try:
-        yield
-    except ValueError as exc:
-        if str(exc).startswith("path:"):
-            raise
-        raise ValueError(f"path: {source} is not a readable osscar_opt LayerProblem {what} ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise ValueError(f"path: {source} is not a readable osscar_opt LayerProblem {what} ({exc})") from exc
-
-
-def _saved_keep(path: Path, value: torch.Tensor | None) -> int | None:
-    """The integer budget stored in a problem file (a 0-d int64 tensor), or None."""
-    if value is None:
-        return None
-    if value.dtype != torch.int64 or value.dim() != 0:
-        raise ValueError(f"path: {path} has a 'keep' field of dtype {value.dtype} and shape {tuple(value.shape)}, "
-                         "expected a 0-d int64 tensor")
-    return int(value)

@@ -14,12 +14,13 @@ import json
 import pytest
 import torch
 
-from osscar_opt import cli, pipeline
+from osscar_opt import cli
 from osscar_opt.adapters.base import ModelAdapter, StageCall, map_tensors, to_device
 from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.budget import CostTarget
 from osscar_opt.oneshot import oneshot
-from osscar_opt.pipeline import prune, prune_vision
+from osscar_opt.pipeline import placement, prune, prune_vision, settings
+from osscar_opt.pipeline import stage as stage_module
 from tests.test_cli_prune_eval_solve import tiny_bert_folder  # noqa: F401 - the shared fixture
 from tests.tiny_models import budgets, build, calibration, is_vision
 
@@ -86,7 +87,7 @@ def test_offload_on_cpu_allocates_a_cost_target_the_same_way():
 COMPUTE_DTYPE, STORAGE_DTYPE = torch.float32, torch.float64
 
 
-class DtypeTaggedPlacement(pipeline._Placement):
+class DtypeTaggedPlacement(placement.Placement):
     """Compute = float32, offload = float64, both on the CPU: float32 -> float64 -> float32 is
     exact, so a correct offloaded run is bit-identical to a float32 run without offload."""
 
@@ -115,7 +116,7 @@ def _tag(monkeypatch) -> list[str]:
     module run and its inputs are on the compute side and every other stage on the offload side;
     and, around every stage, that the cached activations (inputs, call arguments, dense targets,
     outputs) are on the offload side. Returns the names of the checked stage runs (appended to)."""
-    monkeypatch.setattr(pipeline, "_placement", lambda model, device, offload: DtypeTaggedPlacement())
+    monkeypatch.setattr(settings, "placement_for", lambda model, device, offload: DtypeTaggedPlacement())
     runs: list[str] = []
     run_stage = ModelAdapter.run_stage
 
@@ -137,7 +138,7 @@ def _tag(monkeypatch) -> list[str]:
         for value in values:
             assert all(t.dtype == STORAGE_DTYPE for t in _floating(value))
 
-    stage_run = pipeline._StagePruner.run
+    stage_run = stage_module.StagePruner.run
 
     def checked_stage_run(self, dense_in, pruned_in, calls):
         on_storage(dense_in, pruned_in, calls)
@@ -158,15 +159,15 @@ def _tag(monkeypatch) -> list[str]:
             assert _dtypes(stage.module) == {STORAGE_DTYPE}
         return stage_inputs(self, batches)
 
-    calibrate = pipeline._StagePruner.calibrate
+    calibrate = stage_module.StagePruner.calibrate
 
     def checked_calibrate(self, structure, pruned_in, calls, targets):
         on_storage(targets)
         return calibrate(self, structure, pruned_in, calls, targets)
 
     monkeypatch.setattr(ModelAdapter, "run_stage", checked_run_stage)
-    monkeypatch.setattr(pipeline._StagePruner, "run", checked_stage_run)
-    monkeypatch.setattr(pipeline._StagePruner, "calibrate", checked_calibrate)
+    monkeypatch.setattr(stage_module.StagePruner, "run", checked_stage_run)
+    monkeypatch.setattr(stage_module.StagePruner, "calibrate", checked_calibrate)
     monkeypatch.setattr(TransformerAdapter, "stage_inputs", checked_stage_inputs)
     return runs
 

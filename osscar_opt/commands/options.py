@@ -108,7 +108,7 @@ def damp_value(text: str) -> float | str:
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     """``--target``, ``--damp`` and ``--refit-bias``: how each pruned layer is fit."""
-    from osscar_opt.pipeline import DEFAULT_DAMP, DEFAULT_OBJECTIVE, OBJECTIVES, TARGETS
+    from osscar_opt.pipeline.settings import DEFAULT_DAMP, DEFAULT_OBJECTIVE, OBJECTIVES, TARGETS
 
     parser.add_argument(
         "--target", choices=TARGETS, default=None,
@@ -165,7 +165,7 @@ def problem_files(items: Sequence[str]) -> list[Path]:
             found = sorted(path.glob("*.safetensors"))
             if not found:
                 raise ValueError(f"files: folder {item} holds no *.safetensors problem files")
-            from osscar_opt.pipeline import INCOMPLETE_MARKER
+            from osscar_opt.pipeline.stage import INCOMPLETE_MARKER
 
             if (path / INCOMPLETE_MARKER).is_file():
                 print(f"note: {item} is marked INCOMPLETE: the prune that wrote it was interrupted, so it holds the "
