@@ -47,6 +47,11 @@ so ``grad_g f = -||Vhat_g||_F^2``, finite also at ``z_g = 0``. Every gradient en
 **Linearization bound.** For any feasible ``z`` of ``{0 <= z <= 1, sum z <= k}``,
 ``f(z) + min_v grad f(z) . (v - z)`` over the vertices ``v`` (``k`` ones at the most negative
 gradient entries) is a lower bound on the relaxation, hence on the optimal loss.
+
+Why one module of over 600 lines: it is one job, the perspective relaxation, whose pieces (the
+thin factor, the shifts, the function, its restriction to a partial assignment and the bound
+searches) share the derivation above and each other's private factorizations; split, each part
+would need that derivation again.
 """
 
 from __future__ import annotations

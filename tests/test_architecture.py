@@ -142,3 +142,38 @@ def test_the_problem_and_backends_know_no_model_code():
 def test_no_module_cites_a_design_file_outside_the_repository():
     for module, path in MODULES.items():
         assert "DESIGN.md" not in path.read_text(), f"{module} cites DESIGN.md; cite docs/architecture.md"
+
+
+MAX_MODULE_LINES = 600
+LONG_MODULE_REASON = "Why one module of over 600 lines:"
+
+
+def test_no_module_is_over_600_lines_unless_its_docstring_says_why():
+    for module, path in MODULES.items():
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > MAX_MODULE_LINES:
+            docstring = ast.get_docstring(ast.parse(text)) or ""
+            assert LONG_MODULE_REASON in docstring, (
+                f"{module} has {lines} lines (limit {MAX_MODULE_LINES}); split it into one job per module, or say "
+                f"in its docstring, after '{LONG_MODULE_REASON}', why it is one job"
+            )
+
+
+def test_the_pipeline_package_has_one_job_per_module():
+    pipeline = {name for name in MODULES if name.startswith("osscar_opt.pipeline.")}
+    assert pipeline >= {f"osscar_opt.pipeline.{job}" for job in
+                        ("placement", "settings", "stage", "allocation", "plan", "report")}
+    prune = next(node for node in ast.parse(MODULES["osscar_opt.pipeline"].read_text()).body
+                 if isinstance(node, ast.FunctionDef) and node.name == "prune")
+    assert prune.end_lineno - prune.lineno + 1 < 80, "prune() should read as the pipeline, in under 80 lines"
+
+
+def test_only_the_allocation_module_of_the_pipeline_imports_the_allocation_code():
+    allocation_code = {"osscar_opt.curves", "osscar_opt.costs", "osscar_opt.allocate", "osscar_opt.batch"}
+    for module in MODULES:
+        if module == "osscar_opt.pipeline" or module.startswith("osscar_opt.pipeline."):
+            imported = {target for target, _ in imports_of(module)} & allocation_code
+            if module != "osscar_opt.pipeline.allocation":
+                assert not imported, f"{module} imports {sorted(imported)}: a cost target's tables and curves " \
+                                     "belong to osscar_opt.pipeline.allocation"
