@@ -156,11 +156,13 @@ def test_refit_bias_adds_a_consumer_bias_that_survives_reload(images, tmp_path):
     assert torch.equal(outputs(load_pruned(tmp_path / "refit"), images), outputs(pruned_half, images))
 
 
-def test_pruned_mobilenet_reloads_with_the_stock_class_from_its_recorded_arguments(images, tmp_path):
+@pytest.mark.parametrize("width", [0.25, 1.0])  # at 1.0 the first block (expand ratio 1) has 32 -> 16 channels
+def test_pruned_mobilenet_reloads_with_the_stock_class_from_its_recorded_arguments(images, tmp_path, width):
     from safetensors.torch import load_file
 
-    pruned, _ = prune_vision(small_model("mobilenet_v2"), images, {"channels": 0.3}, backend="magnitude",
-                             progress=False)
+    dense = small_model("mobilenet_v2") if width == 0.25 else \
+        torchvision.models.mobilenet_v2(width_mult=width, num_classes=5).eval()
+    pruned, _ = prune_vision(dense, images, {"channels": 0.3}, backend="magnitude", progress=False)
     save_pruned(pruned, tmp_path / "mobilenet")
     stock = json.loads((tmp_path / "mobilenet" / META_FILE).read_text())["stock"]
     assert stock["class"] == "torchvision.models.MobileNetV2"

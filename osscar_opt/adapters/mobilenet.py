@@ -97,8 +97,8 @@ class MobileNetV2Adapter(ConvNetAdapter):
             ratio = 1.0 if len(convs) == 2 else convs[0].out_channels / inputs
             if (len(convs) == 3 and ratio == 1.0) or _rounded(outputs / width * width) != outputs:
                 return None
-            if _rounded(inputs * ratio) != convs[1].out_channels:
-                return None
+            if len(convs) == 3 and _rounded(inputs * ratio) != convs[1].out_channels:
+                return None  # the expand conv's width must round back from the ratio
             setting.append([ratio, outputs / width, 1, max(max(conv.stride) for conv in convs)])
         classifier = self.model.classifier
         dropout = next((float(m.p) for m in classifier if isinstance(m, nn.Dropout)), 0.0)
