@@ -12,7 +12,7 @@ CLI flags fill it; a per-layer allocation only has to implement :meth:`Budget.ke
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 KINDS: tuple[str, ...] = ("heads", "kv_groups", "neurons", "channels")
@@ -121,7 +121,11 @@ class CostTarget:
             model's inputs and re-allocate the remaining budget over the stages not yet pruned.
         curve_swaps: swap moves at each curve point (None: 16 on layers of at most 128 groups, 0
             on larger ones, where the staged-removal path alone is used).
-        latency_cache: cache latency tables on disk (``speedup`` only).
+        latency_cache: latency tables (``speedup`` only) from the disk cache, re-validated
+            (``"use"``, default), measured again and cached (``"refresh"``), or never cached
+            (``"off"``); True / False stand for ``"use"`` / ``"off"``.
+        latency_timer: times one forward call of a stage, ``timer(module, call) -> milliseconds``
+            (``speedup`` only; default: its wall time, the GPU synchronized).
         allocation: ``"curves"`` (default): per-layer keeps from the loss curves; ``"uniform"``:
             every layer of a kind keeps the same fraction (a multiple of ``1 / grid``), the fractions
             of the kinds chosen from their summed curves: the uniform baseline at the same target.
@@ -138,8 +142,9 @@ class CostTarget:
         normalize: str = DEFAULT_NORMALIZATION,
         reallocate: bool = False,
         curve_swaps: int | None = None,
-        latency_cache: bool = True,
+        latency_cache: bool | str = "use",
         allocation: str = "curves",
+        latency_timer: Callable[..., float] | None = None,
     ) -> None:
         if metric not in TARGET_METRICS:
             raise ValueError(f"metric: expected one of {list(TARGET_METRICS)}, got {metric!r}")
@@ -179,7 +184,11 @@ class CostTarget:
         self.normalize = normalize
         self.reallocate = bool(reallocate)
         self.curve_swaps = curve_swaps
-        self.latency_cache = bool(latency_cache)
+        self.latency_cache = check_cache_mode(latency_cache)
+        if latency_timer is not None and not callable(latency_timer):
+            raise ValueError(f"latency_timer: expected a function (module, call) -> milliseconds, got "
+                             f"{latency_timer!r}")
+        self.latency_timer = latency_timer
         self.allocation: dict[str, int] | None = None
 
     @property
@@ -209,6 +218,18 @@ class CostTarget:
 
     def __repr__(self) -> str:
         return f"CostTarget({self.metric!r}, {self.value})"
+
+
+LATENCY_CACHE_MODES = ("use", "refresh", "off")
+
+
+def check_cache_mode(cache: bool | str) -> str:
+    """A latency cache mode of :data:`LATENCY_CACHE_MODES` (True / False stand for ``"use"`` / ``"off"``)."""
+    if cache is True or cache is False:
+        return "use" if cache else "off"
+    if cache not in LATENCY_CACHE_MODES:
+        raise ValueError(f"latency_cache: expected 'use', 'refresh' or 'off' (or True / False), got {cache!r}")
+    return str(cache)
 
 
 class PerLayerKeep:

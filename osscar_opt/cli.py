@@ -12,10 +12,13 @@ what a Ctrl-C leaves on disk (default "nothing was saved").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 COMMAND_MODULES = (
     "osscar_opt.commands.prune",
@@ -109,6 +112,24 @@ def error_line(command: str, exc: BaseException) -> str:
     return f"osscar {command}: error: {text}"
 
 
+@contextlib.contextmanager
+def _warning_lines(command: str):
+    """osscar_opt's own warnings as one line each, ``osscar <command>: warning: <message>``, on stderr
+    (other packages' warnings are shown as Python shows them)."""
+    package = Path(__file__).resolve().parent
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(package):
+            print(f"osscar {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -118,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug:
         return int(args.func(args) or 0)
     try:
-        return int(args.func(args) or 0)
+        with _warning_lines(args.command):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         note = getattr(args, "interrupt_note", None) or "nothing was saved"
         print(f"\nosscar {args.command}: interrupted; {note}", file=sys.stderr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +67,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int = 128, batch_size: int = 4,
-               max_windows: int | None = 64) -> float:
-    """Perplexity of a causal LM on non-overlapping ``seq_len`` windows of ``stream`` (1-D ids)."""
+               max_windows: int | None = 64, progress: bool = False) -> float:
+    """Perplexity of a causal LM on non-overlapping ``seq_len`` windows of ``stream`` (1-D ids);
+    ``progress``: a bar over the batches of windows."""
     count = stream.numel() // seq_len
     if count == 0:
         raise ValueError(f"eval_text: {stream.numel()} tokens, fewer than seq_len={seq_len}")
@@ -76,7 +77,7 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int = 128, batch
         count = min(count, max_windows)
     windows = stream[: count * seq_len].view(count, seq_len)
     total, tokens = 0.0, 0
-    for batch in windows.split(batch_size):
+    for batch in _bar(windows.split(batch_size), progress, "perplexity"):
         batch = batch.to(_device(model))
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
@@ -87,12 +88,20 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int = 128, batch
     return math.exp(total / tokens)
 
 
+def _bar(items, progress: bool, description: str):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit="batch", leave=False)
+
+
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer, passages: list[str], batch_size: int = 32,
-                        max_length: int = 128) -> torch.Tensor:
+                        max_length: int = 128, progress: bool = False) -> torch.Tensor:
     """Mean-pooled last hidden states ``(len(passages), hidden)``, float32 on the CPU."""
     out = []
-    for start in range(0, len(passages), batch_size):
+    for start in _bar(range(0, len(passages), batch_size), progress, "embeddings"):
         encoded = tokenizer(passages[start : start + batch_size], padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt").to(_device(model))
         hidden = model(**encoded).last_hidden_state.float()
@@ -148,31 +157,92 @@ def count_macs(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     return call_macs(lambda: model(**batch))
 
 
+def wall_ms(call: Callable[[], Any], cuda: bool = False) -> float:
+    """Wall time of one ``call()`` in milliseconds; ``cuda``: synchronize the GPU before and after."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+@torch.no_grad()
+def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int, warmup: int = 1, cuda: bool = False,
+                     measure: Callable[[Callable[[], Any]], float] | None = None) -> list[list[float]]:
+    """``times[r][i]``: milliseconds of ``calls[i]`` in round ``r``.
+
+    The calls alternate within each round (A B A B ...), and the call that starts a round rotates,
+    so that a slow moment of a shared machine falls on every call alike and the calls of one round
+    compare with each other (pair them by round). ``warmup`` untimed rounds first. ``measure(call)``
+    times one call (default :func:`wall_ms`)."""
+    measure = measure or (lambda call: wall_ms(call, cuda))
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times = []
+    for round_index in range(rounds):
+        row = [0.0] * len(calls)
+        for offset in range(len(calls)):
+            index = (round_index + offset) % len(calls)
+            row[index] = float(measure(calls[index]))
+        times.append(row)
+    return times
+
+
+@dataclass
+class LatencyComparison:
+    """Dense against pruned latency, timed interleaved: medians and ranges (ms) and the speed-up
+    ``dense / pruned`` per round (median and range). ``within_noise``: the two ranges overlap, so
+    the difference cannot be told from the machine's noise."""
+
+    dense_ms: float
+    dense_range: tuple[float, float]
+    pruned_ms: float
+    pruned_range: tuple[float, float]
+    speedup: float
+    speedup_range: tuple[float, float]
+    rounds: int
+
+    @property
+    def within_noise(self) -> bool:
+        return self.pruned_range[0] <= self.dense_range[1] and self.dense_range[0] <= self.pruned_range[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense_ms": self.dense_ms, "dense_range_ms": list(self.dense_range), "pruned_ms": self.pruned_ms,
+                "pruned_range_ms": list(self.pruned_range), "speedup": self.speedup,
+                "speedup_range": list(self.speedup_range), "rounds": self.rounds, "within_noise": self.within_noise}
+
+
+def compare_latency(dense: Callable[[], Any], pruned: Callable[[], Any], *, rounds: int = 7, cuda: bool = False,
+                    measure: Callable[[Callable[[], Any]], float] | None = None) -> LatencyComparison:
+    """Time ``dense()`` and ``pruned()`` interleaved for ``rounds`` rounds (:func:`time_interleaved`)."""
+    times = time_interleaved([dense, pruned], rounds=rounds, cuda=cuda, measure=measure)
+    dense_ms, pruned_ms = [row[0] for row in times], [row[1] for row in times]
+    ratios = [d / p if p > 0 else float("inf") for d, p in zip(dense_ms, pruned_ms, strict=True)]
+    return LatencyComparison(
+        statistics.median(dense_ms), (min(dense_ms), max(dense_ms)), statistics.median(pruned_ms),
+        (min(pruned_ms), max(pruned_ms)), statistics.median(ratios), (min(ratios), max(ratios)), rounds,
+    )
+
+
 @torch.no_grad()
 def time_call(call: Callable[[], Any], *, cuda: bool = False, repeats: int = 5,
               warmup: int = 1) -> tuple[float, float, float]:
     """Median, minimum and maximum wall time of ``call()`` over ``repeats`` runs after ``warmup``,
     milliseconds; ``cuda``: synchronize the GPU around every run."""
-    times = []
-    for index in range(warmup + repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-        if index >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+    times = [row[0] for row in time_interleaved([call], rounds=repeats, warmup=warmup, cuda=cuda)]
     return statistics.median(times), min(times), max(times)
 
 
 def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[str, Any] | None = None,
-                   *, speed: bool = True) -> dict[str, Any]:
+                   *, speed: bool = True, progress: bool = False) -> dict[str, Any]:
     """Size, speed and quality of ``model``; ``reference`` is the dense model's result (for cosine).
 
     Returns a dict with ``params``, ``macs``, ``latency_ms`` and ``perplexity`` (causal) or
     ``retrieval_top1`` / ``cosine_to_dense`` (encoders); ``_embeddings`` holds the encoder's
-    embeddings for later comparisons.
+    embeddings for later comparisons. ``progress``: a bar over the quality passes.
     """
     was_training = model.training
     model.eval()
@@ -192,9 +262,10 @@ def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[
             "device": str(device), "threads": torch.get_num_threads(),
         }
     if data.causal:
-        result["perplexity"] = perplexity(model, data.stream, data.seq_len, max_windows=data.max_windows)
+        result["perplexity"] = perplexity(model, data.stream, data.seq_len, max_windows=data.max_windows,
+                                          progress=progress)
     else:
-        embeddings = sentence_embeddings(model, tokenizer, data.passages, max_length=data.seq_len)
+        embeddings = sentence_embeddings(model, tokenizer, data.passages, max_length=data.seq_len, progress=progress)
         result["_embeddings"] = embeddings
         reference_embeddings = embeddings if reference is None else reference["_embeddings"]
         result["cosine_to_dense"] = mean_cosine(embeddings, reference_embeddings)
@@ -204,6 +275,51 @@ def evaluate_model(model: nn.Module, tokenizer, data: EvalData, reference: dict[
 
 
 LATENCY_REPEATS = 5
+COMPARISON_ROUNDS = 9
+"""Interleaved rounds of the dense-against-pruned latency row."""
+
+
+def time_against(dense: nn.Module, pruned: nn.Module, data: EvalData,
+                 rounds: int = COMPARISON_ROUNDS) -> LatencyComparison:
+    """``dense`` and ``pruned`` timed interleaved on the evaluation batch (both on the same device)."""
+    batch = dict(data.batch)
+    if data.causal:
+        batch["use_cache"] = False
+    device = _device(pruned)
+    moved = _to_device(batch, device)
+    with torch.no_grad():
+        return compare_latency(lambda: dense(**moved), lambda: pruned(**moved), rounds=rounds,
+                               cuda=device.type == "cuda")
+
+
+def record_comparison(before: dict[str, Any], after: dict[str, Any], comparison: LatencyComparison) -> None:
+    """Put the interleaved timings into the two results (their latency rows and the speed-up)."""
+    before["latency_ms"], before["latency_range_ms"] = comparison.dense_ms, list(comparison.dense_range)
+    after["latency_ms"], after["latency_range_ms"] = comparison.pruned_ms, list(comparison.pruned_range)
+    after["latency_comparison"] = comparison.to_dict()
+    for result in (before, after):
+        if "measured_on" in result:
+            result["measured_on"].update(latency_repeats=comparison.rounds, interleaved=True)
+
+
+COLLAPSE_PERPLEXITY = 3.0
+"""A pruned causal LM whose perplexity is more than this many times the dense one's has collapsed."""
+COLLAPSE_COSINE = 0.5
+"""An encoder whose embeddings' mean cosine to the dense ones is below this has collapsed."""
+
+
+def collapse_warning(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """A warning line when the pruned model's quality collapsed against the dense one's, else None."""
+    if "perplexity" in before and "perplexity" in after and before["perplexity"] > 0:
+        ratio = after["perplexity"] / before["perplexity"]
+        if ratio > COLLAPSE_PERPLEXITY:
+            return (f"warning: quality collapsed: perplexity {after['perplexity']:.2f} against "
+                    f"{before['perplexity']:.2f} dense ({ratio:.1f}x, more than {COLLAPSE_PERPLEXITY:g}x); "
+                    "prune less, or with a cost target")
+    if "cosine_to_dense" in after and after["cosine_to_dense"] < COLLAPSE_COSINE:
+        return (f"warning: quality collapsed: the pruned embeddings' mean cosine to the dense ones is "
+                f"{after['cosine_to_dense']:.3f} (below {COLLAPSE_COSINE:g}); prune less, or with a cost target")
+    return None
 
 METRICS = (
     ("params", "parameters", "{:,.0f}"),
@@ -225,6 +341,12 @@ def format_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         if key == "latency_ms" and "latency_range_ms" in before and "latency_range_ms" in after:
             spreads = ("{:.2f}-{:.2f}".format(*result["latency_range_ms"]) for result in (before, after))
             rows.append(("  latency range (ms)", *spreads, ""))
+            comparison = after.get("latency_comparison")
+            if comparison:
+                low, high = comparison["speedup_range"]
+                noise = "  (within noise)" if comparison["within_noise"] else ""
+                rows.append(("  speed-up, dense / pruned", "", f"{comparison['speedup']:.2f}x",
+                             f"{low:.2f}-{high:.2f}x{noise}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
              strict=True))) for r in rows]
@@ -238,10 +360,12 @@ def measurement_note(result: dict[str, Any]) -> str:
     if not where:
         return ""
     shape = " x ".join(str(n) for n in where["batch"])
+    how = (f"{where['latency_repeats']} rounds timing the dense and the pruned model interleaved (the speed-up is the "
+           "median of the rounds' ratios)" if where.get("interleaved") else
+           f"{where['latency_repeats']} runs after {where['warmup']} warm-up")
     return (
-        f"MACs and latency: one forward pass on a batch of {shape} tokens; latency median (and range) of "
-        f"{where['latency_repeats']} runs after {where['warmup']} warm-up, {where['device']}, {where['threads']} "
-        "threads (wall time on a shared machine varies from run to run)"
+        f"MACs and latency: one forward pass on a batch of {shape} tokens; latency median (and range) of {how}, "
+        f"{where['device']}, {where['threads']} threads (wall time on a shared machine varies from run to run)"
     )
 
 

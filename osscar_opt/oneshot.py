@@ -172,7 +172,7 @@ def oneshot(
         from osscar_opt.models import check_seq_len
 
         check_seq_len(model, seq_len)
-        calibration = calibration_ids(tokenizer, texts, samples, seq_len)
+        calibration = calibration_ids(tokenizer, texts, samples, seq_len, name="calibration")
     elif calibration is None:
         raise ValueError("calibration: required for this model (e.g. (N, C, H, W) images for a vision model)")
     if offload:

@@ -206,7 +206,8 @@ def test_plan_counts_problems_and_memory_before_pruning(capsys):
     assert plan["largest_columns"] == 48 and plan["samples"] == 12 and plan["tokens"]
     assert plan["activation_bytes"] == 2 * 12 * 10 * 32 * 4  # dense and pruned stage inputs, float32
     assert plan["forward_seconds"] > 0
-    assert "plan: 12 x 10 = 120 calibration tokens, 2 stages, up to 2 layer problems" in capsys.readouterr().out
+    assert "plan: 12 x 10 = 120 calibration tokens (all distinct), 2 stages, up to 2 layer problems" in \
+        capsys.readouterr().out
 
 
 def test_weighted_rows_are_weighted_least_squares():

@@ -64,33 +64,56 @@ def test_uniform_widths_reload_with_stock_from_pretrained_and_identical_outputs(
         assert (stock.config.num_key_value_heads, stock.config.num_attention_heads) == (1, 2)
 
 
+def assert_remote_code_reload(family: str, folder, model) -> None:
+    """Stock ``from_pretrained`` refuses the folder naming trust_remote_code, reloads it with it, and
+    ``load_pruned`` reloads it too; all three models give the same outputs."""
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        stock_class(family).from_pretrained(folder)
+    stock = stock_class(family).from_pretrained(folder, trust_remote_code=True).eval()
+    assert isinstance(stock, type(model))  # the module's class subclasses the family's stock class
+    ids = token_ids(3, seed=5)
+    assert torch.equal(output_of(stock, ids), output_of(model, ids))
+    assert torch.equal(output_of(osscar_opt.load_pruned(folder), ids), output_of(model, ids))
+
+
 @pytest.mark.parametrize("family", DERIVED_HEAD_FAMILIES)
-def test_pruned_heads_of_derived_head_size_families_fail_stock_load_naming_load_pruned(family, tmp_path):
+def test_pruned_heads_of_derived_head_size_families_reload_with_trust_remote_code(family, tmp_path):
     model, report = pruned(family, {"heads": 0.5, "neurons": 0.25})
     assert report.settings["config_describes_pruned_model"] is False
     osscar_opt.save_pruned(model, tmp_path / "model", report=report)
-    with pytest.raises(ValueError, match=r"osscar_opt\.load_pruned"):
-        stock_class(family).from_pretrained(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["osscar_pruned"]["blocks"] == [{"attention_groups": 2, "mlp_neurons": 36}] * 2
-    reloaded = osscar_opt.load_pruned(tmp_path / "model")
-    ids = token_ids(3, seed=5)
-    assert torch.equal(output_of(reloaded, ids), output_of(model, ids))
+    assert "osscar_opt.load_pruned" in config["model_type"]
+    assert_remote_code_reload(family, tmp_path / "model", model)
 
 
-def test_per_layer_widths_fail_stock_load_and_reload_with_load_pruned(tmp_path):
-    model = build("llama")
-    keep = {"model.layers.0.mlp.down_proj": 12, "model.layers.1.mlp.down_proj": 40}
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_per_layer_widths_reload_with_trust_remote_code_and_with_load_pruned(family, tmp_path):
+    model = build(family)
+    keep = {"model.layers.0.mlp.down_proj": 12, "model.layers.1.mlp.down_proj": 40,
+            "model.layers.1.self_attn.o_proj": 1}
     report = prune(model, token_ids(8), PerLayerKeep(keep), backend="greedy", damp=0.01, batch_size=4,
                    progress=False)
     assert report.settings["config_describes_pruned_model"] is False
     assert model.config.intermediate_size == 48  # the dense config is left alone
     osscar_opt.save_pruned(model, tmp_path / "model")
-    with pytest.raises(ValueError, match=r"osscar_opt\.load_pruned"):
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    reloaded = osscar_opt.load_pruned(tmp_path / "model")
-    ids = token_ids(3, seed=5)
-    assert torch.equal(output_of(reloaded, ids), output_of(model, ids))
+    assert_remote_code_reload(family, tmp_path / "model", model)
+
+
+def test_a_folder_stock_classes_can_read_has_no_remote_code_and_resaving_drops_it(tmp_path):
+    model = build("llama")
+    prune(model, token_ids(8), PerLayerKeep({"model.layers.0.mlp.down_proj": 12}), backend="greedy", damp=0.01,
+          batch_size=4, progress=False)
+    osscar_opt.save_pruned(model, tmp_path / "per-layer")
+    assert (tmp_path / "per-layer" / "osscar_pruned_modeling.py").is_file()
+    reloaded = osscar_opt.load_pruned(tmp_path / "per-layer")
+    assert not hasattr(reloaded.config, "auto_map")  # the module belongs to that folder, not to the model
+    uniform = build("llama")
+    prune(uniform, token_ids(8), {"neurons": 0.5}, backend="greedy", damp=0.01, batch_size=4, progress=False)
+    uniform.config.auto_map = {"AutoConfig": "stale.Config"}
+    osscar_opt.save_pruned(uniform, tmp_path / "uniform")
+    config = json.loads((tmp_path / "uniform" / "config.json").read_text())
+    assert "auto_map" not in config and not (tmp_path / "uniform" / "osscar_pruned_modeling.py").exists()
 
 
 def test_saved_metadata_records_the_kept_ids_of_every_pruned_layer(tmp_path):
@@ -162,8 +185,10 @@ def test_pruned_minilm_stays_a_sentence_transformers_folder_with_its_tokenizer(m
     expected = embeddings(model, loaded.tokenizer, SENTENCES)
     torch.testing.assert_close(encoder.encode(SENTENCES, convert_to_tensor=True), expected, rtol=0, atol=1e-5)
     if "heads" in budgets:
-        with pytest.raises(ValueError, match=r"osscar_opt\.load_pruned"):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
             SentenceTransformer(str(folder))
+        stock = SentenceTransformer(str(folder), trust_remote_code=True)
+        torch.testing.assert_close(stock.encode(SENTENCES, convert_to_tensor=True), expected, rtol=0, atol=1e-5)
     else:
         stock = SentenceTransformer(str(folder))
         torch.testing.assert_close(stock.encode(SENTENCES, convert_to_tensor=True), expected, rtol=0, atol=1e-5)

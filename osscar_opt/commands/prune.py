@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
-from osscar_opt.budget import DEFAULT_NORMALIZATION, KINDS, NORMALIZATIONS, check_sparsity
+from osscar_opt.budget import DEFAULT_NORMALIZATION, KINDS, LATENCY_CACHE_MODES, NORMALIZATIONS, check_sparsity
 from osscar_opt.commands.options import (
     add_backend_arguments,
     add_calibration_arguments,
@@ -146,6 +147,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reallocate", action="store_true",
                         help="with a target: re-allocate the remaining budget after each block from curves on the "
                         "pruned model's inputs")
+    parser.add_argument("--strict-target", action="store_true",
+                        help="with a target: fail (exit code 4, nothing saved) when the pruned model misses the target "
+                        "beyond the measured spread; without it a miss is a warning line")
+    parser.add_argument("--latency-cache", choices=LATENCY_CACHE_MODES, default="use",
+                        help="with --target-speedup: use the cached latency tables after re-timing a point of each "
+                        "(use, default), measure them all again (refresh), or cache nothing (off)")
     parser.add_argument("--workers", type=int, default=None,
                         help="with a target: compute the loss curves on this many local worker processes")
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
@@ -172,14 +179,17 @@ def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
     kinds = None if args.target_kinds is None else [k.strip() for k in args.target_kinds.split(",") if k.strip()]
     if kinds is not None and "heads" in kinds and "kv_groups" not in kinds:
         kinds.append("kv_groups")  # as --heads-sparsity: KV groups for GQA models
+    if args.latency_cache != "use" and metric != "speedup":
+        raise ValueError(f"--latency-cache: applies only with --target-speedup, got --target-{metric}")
     return CostTarget(metric, value, kinds=kinds, min_keep=args.min_keep, normalize=args.normalize,
-                      reallocate=args.reallocate)
+                      reallocate=args.reallocate, latency_cache=args.latency_cache)
 
 
 def _check_target_flags(args: argparse.Namespace, target) -> None:
     if target is None:
         for flag, default in (("target_kinds", None), ("min_keep", 0.0), ("normalize", DEFAULT_NORMALIZATION),
-                              ("reallocate", False), ("workers", None), ("ray", None)):
+                              ("reallocate", False), ("workers", None), ("ray", None), ("strict_target", False),
+                              ("latency_cache", "use")):
             if getattr(args, flag) != default:
                 raise ValueError(f"--{flag.replace('_', '-')}: applies only with --target-macs, --target-params "
                                  "or --target-speedup")
@@ -258,7 +268,7 @@ def _uniform_widths(budgets: Any, adapter: Any, heads_given: bool) -> Any:
                              f"{refused[0]} count (its head size is hidden_size / heads); drop it from --target-kinds")
         kinds = sorted(set(budgets.kinds()) & expressible)
         return CostTarget(budgets.metric, budgets.value, kinds=kinds, min_keep=budgets.min_keep,
-                          normalize=budgets.normalize, allocation="uniform")
+                          normalize=budgets.normalize, allocation="uniform", latency_cache=budgets.latency_cache)
     refused = sorted(kind for kind, value in budgets.items() if value > 0 and kind in present - expressible)
     if refused and heads_given:
         raise ValueError(f"--uniform-widths: this {adapter.architecture} model's config cannot state a pruned "
@@ -293,12 +303,14 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     )
     _progress(f"calibration: {samples} samples x {seq_len} tokens from {args.calib_text or 'the built-in text'}",
               args.quiet)
-    eval_data = None
+    eval_data, dense_copy = None, None
     if not args.no_eval:
         _progress("evaluating the dense model ...", args.quiet)
         texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
         eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
-        before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
+        before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, progress=not args.quiet)
+        if not getattr(args, "offload", False):  # timed against the pruned model, interleaved, afterwards
+            dense_copy = copy.deepcopy(loaded.model)
     options = _prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE)
     try:
         report = prune(loaded.model, calibration, budgets, **options)
@@ -306,15 +318,24 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
         if options.get("executor") is not None:
             options["executor"].close()
     document: dict[str, Any] = {"model": loaded.name, "note": loaded.note, **report.to_dict()}
-    print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}; {_settings_line(report)}")
+    print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}; {report.settings_line()}")
     if loaded.note:
         print(f"note: {loaded.note}")
     if eval_data is not None:
         _progress("evaluating the pruned model ...", args.quiet)
-        after = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, reference=before)
+        after = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, reference=before,
+                                        progress=not args.quiet)
+        if dense_copy is not None:
+            evaluate.record_comparison(before, after, evaluate.time_against(dense_copy, loaded.model, eval_data))
+            del dense_copy
         document["dense"], document["pruned"] = evaluate.public(before), evaluate.public(after)
         print(evaluate.format_table(before, after))
         print(evaluate.measurement_note(after))
+        collapse = evaluate.collapse_warning(before, after)
+        if collapse:
+            print(collapse)
+            document["quality_collapsed"] = collapse
+    _check_target_met(report, args)
     stock = bool(report.settings.get("config_describes_pruned_model"))
     if args.output:
         from osscar_opt.io import save_pruned
@@ -330,21 +351,15 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     return document
 
 
-def _settings_line(report: Any) -> str:
-    """Budget, calibration and fit settings of a report, in one line (kinds the model has)."""
-    settings = report.settings
-    present = {record.kind for record in report.layers}
-    budget = settings.get("budgets")
-    if isinstance(budget, dict) and "target" in budget:
-        what = f"target {budget['target']} {budget['value']:g} ({budget.get('allocation', 'curves')} allocation)"
-    elif isinstance(budget, dict):
-        what = "sparsity " + ", ".join(f"{kind} {value:g}" for kind, value in sorted(budget.items())
-                                        if value and kind in present)
-    else:
-        what = f"budget {budget}"
-    shape = " x ".join(str(n) for n in settings.get("sample_shape", []))
-    return (f"{what}; {settings.get('samples')} calibration samples of {shape}; target {settings.get('target')}, "
-            f"damp {settings.get('damp')}, objective {settings.get('objective')}")
+def _check_target_met(report: Any, args: argparse.Namespace) -> None:
+    """A missed cost target: a warning line, or with ``--strict-target`` an error (exit code 4)
+    before anything is saved."""
+    if report.target_met is not False:
+        return
+    missed = report.settings["allocation"].get("missed", "the cost target was missed")
+    if args.strict_target:
+        raise RuntimeError(f"--strict-target: {missed}; nothing was saved")
+    print(f"warning: {missed}")
 
 
 def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
@@ -401,6 +416,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
         if options.get("executor") is not None:
             options["executor"].close()
     document.update(report.to_dict())
+    _check_target_met(report, args)
     document["channels_before"] = sum(adapter_for(model).internal_channels().values())
     document["channels_after"] = sum(adapter_for(pruned).internal_channels().values())
     document["parameters_dense"] = sum(p.numel() for p in model.parameters())
@@ -440,6 +456,14 @@ def _print_vision_summary(document: dict[str, Any], backend: str, seconds: float
     print(line)
 
 
+def describe_problem_folder(folder: Path) -> str:
+    """``wrote 12 layer problems (365.2 MB) to problems/ ...``: where ``--save-problems`` wrote."""
+    files = sorted(folder.glob("*.safetensors"))
+    size = sum(path.stat().st_size for path in files)
+    return (f"wrote {len(files)} layer problems ({size / 1e6:.1f} MB) to {folder}: re-solve them with "
+            f"osscar solve {folder} --backend NAME, or certify them with osscar certify {folder}")
+
+
 def describe_allocation(allocation: dict[str, Any]) -> str:
     """Target against predicted and achieved cost, in one paragraph for the summary."""
     metric, value = allocation["target"], allocation["value"]
@@ -450,14 +474,24 @@ def describe_allocation(allocation: dict[str, Any]) -> str:
 
     wanted = f"{value:.2f}x speed-up" if metric == "speedup" else f"{value:.3f} of dense {unit}"
     line = f"target {wanted}: allocated {share(allocation['predicted_fraction'])} (predicted)"
-    if "achieved_fraction" in allocation:
+    if "achieved_speedup_range" in allocation:
+        low, high = allocation["achieved_speedup_range"]
+        line += (f", {allocation['achieved_speedup']:.2f}x measured on the calibration batch (range {low:.2f}-"
+                 f"{high:.2f}x, timed interleaved with the dense model)")
+    elif "achieved_fraction" in allocation:
         line += f", {share(allocation['achieved_fraction'])} measured on the calibration batch"
     kinds: dict[str, list[float]] = {}
     for curve in allocation["curves"]:
         keep = allocation["keep"].get(curve["name"], curve["num_groups"])
         kinds.setdefault(curve["kind"], []).append(keep / curve["num_groups"])
     spread = "; ".join(f"{kind} kept {min(v):.2f}-{max(v):.2f} per layer" for kind, v in sorted(kinds.items()))
-    return f"{line}\n{spread} (loss curves and allocation {allocation['seconds']:.1f} s)"
+    text = f"{line}\n{spread} (loss curves and allocation {allocation['seconds']:.1f} s)"
+    floor = allocation.get("at_floor") or []
+    if floor:
+        shown = ", ".join(floor[:4]) + (f" and {len(floor) - 4} more" if len(floor) > 4 else "")
+        text += (f"\n{len(floor)} structures sit at their smallest allowed keep (min_keep {allocation['min_keep']:g}, "
+                 f"at least one group): {shown}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -472,6 +506,7 @@ def run(args: argparse.Namespace) -> int:
     saved = [f"the pruned model is in {args.output}"] if args.output else []
     if args.save_problems is not None:
         saved.append(f"the layer problems are in {args.save_problems}")
+        print(describe_problem_folder(Path(args.save_problems)))
     if args.report:
         saved.append(f"{args.report} may be missing or incomplete")
     args.interrupt_note = "; ".join(saved) or "nothing was saved"

@@ -61,18 +61,37 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    solved = [r for r in rows if not is_error_row(r)]
     failed = [r for r in rows if is_error_row(r)]
     lines += [f"error {r['file']}" + (f" ({r['backend']} keep {r['keep']})" if several else "") + f": {r['error']}"
               for r in failed]
-    noun = "problems" if len({(r.get("backend"), r.get("keep")) for r in rows}) <= 1 or not several else "tasks"
-    total = sum(r["seconds"] for r in solved)
-    summary = f"{len(rows)} {noun}, total loss {sum(r['loss'] for r in solved):.6g}, {total:.2f} s"
-    if failed:
-        summary = f"{len(rows)} {noun} ({len(failed)} failed), total loss of the {len(solved)} solved " \
-                  f"{sum(r['loss'] for r in solved):.6g}, {total:.2f} s"
-    lines.append(summary)
+    lines += total_lines(rows)
     return "\n".join(lines)
+
+
+def total_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The total line; with several backends or keeps, one total per backend and keep (losses of
+    different backends or budgets are never added)."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in rows:  # a failed row without a keep (an unreadable file) counts in the overall line only
+        if not (is_error_row(row) and row.get("keep") is None):
+            groups.setdefault((str(row.get("backend", "")), row.get("keep")), []).append(row)
+    if len(groups) <= 1:
+        return [_total(rows, "problems")]
+    several_keeps = len({keep for _, keep in groups}) > 1
+    failed = sum(1 for row in rows if is_error_row(row))
+    lines = [f"{len(rows)} tasks" + (f" ({failed} failed)" if failed else "") + "; totals per backend and keep:"]
+    for (backend, keep), members in groups.items():
+        where = backend + (f", keep {keep}" if several_keeps and keep is not None else "")
+        lines.append(f"  {where}: {_total(members, 'problems')}")
+    return lines
+
+
+def _total(rows: list[dict[str, Any]], noun: str) -> str:
+    solved = [row for row in rows if not is_error_row(row)]
+    failed = len(rows) - len(solved)
+    return (f"{len(rows)} {noun}" + (f" ({failed} failed)" if failed else "") +
+            f", total loss{' of the solved' if failed else ''} {sum(r['loss'] for r in solved):.6g}, "
+            f"{sum(r['seconds'] for r in solved):.2f} s")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -206,10 +206,11 @@ def load_texts(
     return [_hf_dataset_text(spec, part, name)]
 
 
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All ``texts`` tokenized without special tokens and concatenated, int64 ``(tokens,)``."""
+def token_stream(tokenizer, texts: list[str], name: str = "calib_text") -> torch.Tensor:
+    """All ``texts`` tokenized without special tokens and concatenated, int64 ``(tokens,)``;
+    ``name`` is the argument named in errors."""
     if not texts or not any(t.strip() for t in texts):
-        raise ValueError("calib_text: the text is empty")
+        raise ValueError(f"{name}: the text is empty")
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -217,11 +218,12 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def calibration_ids(
-    tokenizer, texts: list[str], samples: int = 128, seq_len: int = 128, seed: int = SEED
+    tokenizer, texts: list[str], samples: int = 128, seq_len: int = 128, seed: int = SEED, name: str = "calib_text"
 ) -> torch.Tensor:
     """``(samples, seq_len)`` token windows drawn at random (fixed seed) from the text.
 
     Encoders (tokenizers with a CLS token) get ``[CLS] ... [SEP]`` around ``seq_len - 2`` tokens.
+    ``name`` is the argument errors and warnings name (the caller's: ``calib_text``, ``calibration``).
     """
     if isinstance(samples, bool) or int(samples) < 1:
         raise ValueError(f"samples: expected a positive integer, got {samples!r}")
@@ -232,17 +234,17 @@ def calibration_ids(
     if wrap and seq_len < 3:
         raise ValueError(f"seq_len: an encoder needs at least 3 tokens ([CLS] x [SEP]), got {seq_len}")
     width = seq_len - 2 if wrap else seq_len
-    stream = token_stream(tokenizer, texts)
+    stream = token_stream(tokenizer, texts, name)
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is not None and stream.numel() and float((stream == unknown).float().mean()) > UNKNOWN_TOKEN_SHARE:
         share = float((stream == unknown).float().mean())
         warnings.warn(
-            f"calib_text: {share:.0%} of the calibration tokens are the tokenizer's unknown token; the text may be "
+            f"{name}: {share:.0%} of the calibration tokens are the tokenizer's unknown token; the text may be "
             "in another script or not text at all, and the pruned model will be fit to it",
             UserWarning, stacklevel=2,
         )
     if stream.numel() < width:
-        raise ValueError(f"calib_text: only {stream.numel()} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(f"{name}: only {stream.numel()} tokens, fewer than seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - width + 1, (int(samples),), generator=generator)
     windows = torch.stack([stream[s : s + width] for s in starts.tolist()])

@@ -6,10 +6,12 @@ kept attention groups / MLP neurons of every block. ``write_files`` writes ``con
 * when the family's config can express the pruned widths (the same in every block; LLaMA /
   Qwen2 / Mistral have ``head_dim`` and ``num_key_value_heads`` fields, BERT / OPT / GPT-2 only
   the MLP width), the config *of the pruned model*, which stock ``from_pretrained`` loads;
-* otherwise the dense config with ``model_type`` replaced by :data:`NOT_STOCK_TYPE` (so stock
-  ``AutoConfig`` / ``AutoModel`` / ``SentenceTransformer`` fail with a message naming
-  ``osscar_opt.load_pruned``) and an ``osscar_pruned`` entry holding the real ``model_type`` and
-  the per-block widths.
+* otherwise the dense config with ``model_type`` replaced by :data:`NOT_STOCK_TYPE`, an
+  ``osscar_pruned`` entry holding the real ``model_type``, the per-block widths and what
+  :mod:`osscar_opt.io.remote_code` needs, and an ``auto_map`` naming the small module it writes
+  beside the config: stock ``from_pretrained(folder, trust_remote_code=True)`` (and
+  ``SentenceTransformer(folder, trust_remote_code=True)``) rebuild the pruned widths; without
+  ``trust_remote_code`` transformers refuses and says to pass it.
 
 A sentence-transformers folder the model came from (``modules.json`` beside its config) keeps its
 module files (pooling, normalization). ``rebuild`` instantiates the class from the config, shrinks
@@ -29,6 +31,7 @@ from torch import nn
 
 from osscar_opt.adapters.registry import adapter_for
 from osscar_opt.adapters.transformer import TransformerAdapter
+from osscar_opt.io import remote_code
 from osscar_opt.io.folder import read_json
 
 
@@ -56,7 +59,8 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, dict(model.state_dict())
 
 
-NOT_STOCK_TYPE = "{model_type}-pruned (stock classes cannot rebuild its widths: load it with osscar_opt.load_pruned)"
+NOT_STOCK_TYPE = ("{model_type}-pruned (per-layer widths: load it with from_pretrained(folder, trust_remote_code=True) "
+                  "or osscar_opt.load_pruned)")
 """``model_type`` written into ``config.json`` when stock classes cannot rebuild the pruned widths."""
 CONFIG_RECORD = "osscar_pruned"
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -71,7 +75,7 @@ def _config_document(model: nn.Module, directory: Path) -> dict[str, Any]:
     """The ``config.json`` document for ``model`` (see the module docstring)."""
     adapter = adapter_for(model)
     config = copy.deepcopy(model.config)
-    for stale in ("quantization_config", "_name_or_path"):
+    for stale in ("quantization_config", "_name_or_path", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)  # weights are saved dequantized; the source path is not this folder
     config.architectures = [type(model).__name__]
@@ -81,9 +85,13 @@ def _config_document(model: nn.Module, directory: Path) -> dict[str, Any]:
     config.save_pretrained(str(directory))
     document = json.loads((directory / "config.json").read_text())
     document.pop("quantization_config", None)
+    document.pop("auto_map", None)
     if fields is None:
-        document[CONFIG_RECORD] = {"model_type": document["model_type"], "blocks": adapter.dims()}
+        rebuilt = remote_code.record(model)
+        document[CONFIG_RECORD] = {"model_type": document["model_type"], "blocks": adapter.dims(), **(rebuilt or {})}
         document["model_type"] = NOT_STOCK_TYPE.format(model_type=document["model_type"])
+        if rebuilt is not None:
+            document["auto_map"] = remote_code.auto_map(model)
     return document
 
 
@@ -112,6 +120,8 @@ def write_files(model: nn.Module, directory: Path) -> None:
     model generates, and the sentence-transformers files of the folder the model came from."""
     document = _config_document(model, directory)
     (directory / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    if "auto_map" in document:
+        (directory / remote_code.MODULE_FILE).write_text(remote_code.module_text(model, document["model_type"]))
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(str(directory))
@@ -131,6 +141,7 @@ def read_config(directory: Path):
     if not isinstance(document, dict):
         raise ValueError(f"directory: {path} is not a configuration (a JSON object)")
     record = document.pop(CONFIG_RECORD, None)
+    document.pop("auto_map", None)  # the module it names is this folder's, not the loaded model's
     if isinstance(record, dict):
         document["model_type"] = record.get("model_type")
     model_type = document.get("model_type")

@@ -9,6 +9,7 @@ the target (``target.allocation``).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -18,13 +19,15 @@ import torch
 from osscar_opt.adapters.base import Stage, StageCall
 from osscar_opt.allocate import Choices, InfeasibleTarget, allocate_with_pairs, interpolate, uniform_keeps
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
-from osscar_opt.costs import StageCoster, model_cost
+from osscar_opt.costs import LatencyTable, StageCoster, model_cost, wall_timer
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
 from osscar_opt.pipeline.settings import Settings
 from osscar_opt.pipeline.stage import StagePruner
 from osscar_opt.problem import LayerProblem
 
+ACHIEVED_ROUNDS = 9
+"""Interleaved rounds the pruned model is timed in against the dense copy (speed-up targets)."""
 CURVE_BATCH_BYTES = 1 << 30
 """With a curve executor, queued problems are sent once their ``H`` and ``G`` hold more than this."""
 
@@ -59,6 +62,8 @@ class Allocator:
         self.pending: list[tuple[int, Structure, LayerProblem, list[int], int, list[float], float, float]] = []
         self.pending_bytes = 0
         self.dense_cost = 0.0
+        self.dense_model: torch.nn.Module | None = None
+        self.latency_tables: dict[str, LatencyTable] = {}  # measured or re-validated in this run, by cache key
         self.capacity = 0.0
         self.seconds = 0.0
 
@@ -74,7 +79,8 @@ class Allocator:
             stage_energy = sum(float(y.double().square().sum()) for y in outputs)
             pruner = StagePruner(self.settings, index, stage)
             coster = StageCoster(self.adapter, stage, fetch(hidden[0]), fetch(self.calls[0]), self.metric,
-                                 cache=self.target.latency_cache) if costs else None
+                                 cache=self.target.latency_cache, timer=self.target.latency_timer,
+                                 tables=self.latency_tables) if costs else None
             for position, structure in enumerate(stage.structures(stage.module)):
                 if structure.kind not in self.target.kinds():
                     continue
@@ -146,7 +152,10 @@ class Allocator:
 
         start = time.perf_counter()
         self.target.allocation = None
-        self.dense_cost = model_cost(self.adapter.model, self.batches[0], self.metric)
+        model = self.adapter.model
+        if self.metric == "latency":  # the pruned model is timed against it, interleaved, at the end
+            self.dense_model = copy.deepcopy(model)
+        self.dense_cost = model_cost(model, self.batches[0], self.metric, self.target.latency_timer)
         self.capacity = self.target.capacity(self.dense_cost)
         hidden = dense_in
         stages = self.adapter.stages()
@@ -204,14 +213,56 @@ class Allocator:
         allocation = self.target.allocation or {}
         return self.dense_cost + self.cost_of({name: allocation[name] for name in self.choices})
 
+    def at_floor(self) -> list[str]:
+        """The structures the allocation left at their smallest allowed keep."""
+        allocation = self.target.allocation or {}
+        return [name for name, (_, choices, _) in self.choices.items() if allocation.get(name) == choices.keeps[0]]
+
+    def achieved(self) -> dict[str, Any]:
+        """The pruned model's cost on the calibration batch and whether it meets the target.
+
+        MACs and parameters are exact: met when at most the capacity. Latency is timed against
+        the dense copy, interleaved (:func:`osscar_opt.evaluate.compare_latency`): met unless even
+        the best round's speed-up is below the target (a miss beyond the measured spread)."""
+        model = self.adapter.model
+        if self.metric != "latency":
+            cost = model_cost(model, self.batches[0], self.metric)
+            fraction = cost / self.dense_cost if self.dense_cost else 1.0
+            result = {"achieved_cost": cost, "achieved_fraction": fraction,
+                      "target_met": cost <= self.capacity * (1 + 1e-9)}
+            if not result["target_met"]:
+                result["missed"] = (f"target {self.metric} {self.target.value:g} missed: the pruned model has "
+                                    f"{fraction:.4f} of its dense {self.metric}")
+            return result
+        comparison = self._time_against_dense()
+        low, high = comparison.speedup_range
+        result = {"achieved_cost": comparison.pruned_ms, "achieved_fraction": 1 / comparison.speedup,
+                  "achieved_speedup": comparison.speedup, "achieved_speedup_range": [low, high],
+                  "latency": comparison.to_dict(), "target_met": high >= self.target.value}
+        if not result["target_met"]:
+            predicted = self.dense_cost / self.predicted_cost()
+            result["missed"] = (
+                f"target speed-up {self.target.value:.2f}x missed: measured {comparison.speedup:.2f}x (range "
+                f"{low:.2f}-{high:.2f}x over {comparison.rounds} interleaved rounds against the dense model) where "
+                f"the latency tables predicted {predicted:.2f}x"
+            )
+        return result
+
+    def _time_against_dense(self):
+        from osscar_opt.evaluate import compare_latency
+
+        model, dense, batch = self.adapter.model, self.dense_model, self.batches[0]
+        timer = self.target.latency_timer or wall_timer
+        calls = [lambda: timer(dense, lambda: dense(batch)), lambda: timer(model, lambda: model(batch))]
+        comparison = compare_latency(*calls, rounds=ACHIEVED_ROUNDS, measure=lambda call: call())
+        self.dense_model = None  # the copy is not needed any more
+        return comparison
+
     def summary(self, achieved: bool = False) -> dict[str, Any]:
         """The allocation for the report; with ``achieved``, the pruned model's cost measured on the
-        same batch (``achieved_cost``, ``achieved_fraction``)."""
+        same batch (:meth:`achieved`) and the structures left at their smallest keep."""
         predicted = self.predicted_cost()
-        measured = {}
-        if achieved:
-            cost = model_cost(self.adapter.model, self.batches[0], self.metric)
-            measured = {"achieved_cost": cost, "achieved_fraction": cost / self.dense_cost if self.dense_cost else 1.0}
+        measured = {**self.achieved(), "at_floor": self.at_floor()} if achieved else {}
         return {
             **measured, **self.target.to_dict(), "metric": self.metric, "dense_cost": self.dense_cost,
             "capacity": self.capacity, "predicted_cost": predicted,

@@ -8,6 +8,7 @@ argument is a ValueError naming it; nothing has run on the model when one is rai
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,11 @@ class Settings:
                 f"damp: 'auto' (the default) holds out every {HELDOUT_EVERY}th calibration sample and needs at "
                 f"least {HELDOUT_EVERY} samples, got {samples}; give more samples or a fixed ridge such as damp=0.01"
             )
+        if not batches[0].is_floating_point():  # token ids: is the text repeated or degenerate?
+            from osscar_opt.data.coverage import coverage
+
+            for message in coverage(batches).warnings():
+                warnings.warn(message, UserWarning, stacklevel=3)
         curve_executor, owns = _curve_executor(executor, workers)
         return cls(
             adapter=adapter, placement=placement, budget=budget, batches=batches, backend=backend,
