@@ -123,7 +123,7 @@ class LlamaAdapter(TransformerAdapter):
             attention.num_key_value_groups = keep // kv_heads  # the query heads each KV head serves
 
         return query_head_structure(
-            f"{prefix}.self_attn.o_proj", attention.q_proj, attention.o_proj, head_dim, kv_heads, resize,
+            f"{prefix}.self_attn.o_proj:q_heads", attention.q_proj, attention.o_proj, head_dim, kv_heads, resize,
         )
 
     # ---------------------------------------------------------------- MLP

@@ -103,7 +103,7 @@ class Phi3Adapter(TransformerAdapter):
         attention = block.self_attn
         head_dim, heads, kv_heads = self._heads(attention)
         width = heads * head_dim
-        structure = query_head_structure(f"{prefix}.self_attn.o_proj", attention.qkv_proj, attention.o_proj,
+        structure = query_head_structure(f"{prefix}.self_attn.o_proj:q_heads", attention.qkv_proj, attention.o_proj,
                                          head_dim, kv_heads)
 
         def resize(keep: int) -> None:

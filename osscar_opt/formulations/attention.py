@@ -98,6 +98,8 @@ def query_head_structure(
     stay. The ``r = heads / kv_heads`` query heads of KV group ``j`` (heads ``j*r .. (j+1)*r-1``,
     the order ``repeat_kv`` uses) form block ``j``: every block keeps the same number of heads,
     since the stock forward repeats each key-value head for the same number of query heads.
+    ``name`` is the output projection's name with ``":q_heads"`` (the KV-group structure of the
+    same projection has the plain name), so budgets, reports and allocations tell the two apart.
     """
     output = check_linear(output, f"{name} (attention output)")
     groups = _head_groups(name, output, head_dim)

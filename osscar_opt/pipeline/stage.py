@@ -203,8 +203,6 @@ class StagePruner:
                 f"budgets: keep for {structure.name} must be an integer in [1, {counted}]{per_block} "
                 f"(or None to leave it alone), got {keep!r}"
             )
-        if structure.blocks > 1 and keep == counted:
-            return None
         start = time.perf_counter()
         problem, accumulator, lowering = self.build_problem(structure, pruned_in, calls, targets)
         W, meta = structure.weight(), problem.meta
