@@ -39,3 +39,30 @@ def tiny_decoder(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(**fields)
     return getattr(transformers, model_name)(config).eval()
+
+
+ENCODERS = {
+    "roberta": ("RobertaConfig", "RobertaModel", {}),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", {}),
+    "distilbert": ("DistilBertConfig", "DistilBertModel", {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48}),
+    "mpnet": ("MPNetConfig", "MPNetModel", {}),
+    "modernbert": ("ModernBertConfig", "ModernBertModel", {"global_attn_every_n_layers": 2, "local_attention": 4,
+                                                           "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1,
+                                                           "sep_token_id": 2}),
+}
+"""Encoders: 2 blocks, hidden 32, 4 heads of 8, MLP 48; ModernBERT alternates global and local
+(window 4) attention."""
+ENCODER_COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 48, "max_position_embeddings": 64, "pad_token_id": 0}
+
+
+def tiny_encoder(family: str, seed: int = 0) -> torch.nn.Module:
+    """A 2-block encoder of ``family`` (a key of :data:`ENCODERS`) with random weights, in eval mode."""
+    config_name, model_name, extra = ENCODERS[family]
+    fields = {**ENCODER_COMMON, **extra}
+    if family == "distilbert":
+        fields = {key: value for key, value in fields.items() if key not in
+                  ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**fields)
+    return getattr(transformers, model_name)(config).eval()

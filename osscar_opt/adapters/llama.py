@@ -76,10 +76,6 @@ class LlamaAdapter(TransformerAdapter):
         """True for a transformers model with the LLaMA layout, whatever its ``model_type``."""
         return getattr(model, "config", None) is not None and has_llama_layout(model)
 
-    @property
-    def architecture(self) -> str:
-        return str(getattr(self.config, "model_type", self.family))
-
     def blocks(self) -> list[nn.Module]:
         return decoder_blocks(self.model) or []
 

@@ -70,10 +70,6 @@ class Phi3Adapter(TransformerAdapter):
     def handles(cls, model: nn.Module) -> bool:
         return getattr(model, "config", None) is not None and has_phi3_layout(model)
 
-    @property
-    def architecture(self) -> str:
-        return str(getattr(self.config, "model_type", self.family))
-
     def blocks(self) -> list[nn.Module]:
         return decoder_blocks(self.model) or []
 

@@ -10,18 +10,21 @@ from torch import nn
 from osscar_opt.adapters.base import ModelAdapter
 from osscar_opt.adapters.bert import BertAdapter
 from osscar_opt.adapters.convnet import ConvNetAdapter
+from osscar_opt.adapters.distilbert import DistilBertAdapter
 from osscar_opt.adapters.gpt2 import Gpt2Adapter
 from osscar_opt.adapters.gpt_neox import GptNeoXAdapter
 from osscar_opt.adapters.llama import LlamaAdapter
 from osscar_opt.adapters.mobilenet import MobileNetV2Adapter
+from osscar_opt.adapters.modernbert import ModernBertAdapter
+from osscar_opt.adapters.mpnet import MPNetAdapter
 from osscar_opt.adapters.opt import OptAdapter
 from osscar_opt.adapters.phi3 import Phi3Adapter
 from osscar_opt.adapters.resnet import ResNetAdapter
 from osscar_opt.adapters.transformer import TransformerAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    BertAdapter, OptAdapter, Gpt2Adapter, GptNeoXAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter,
-    MobileNetV2Adapter,
+    BertAdapter, DistilBertAdapter, MPNetAdapter, ModernBertAdapter, OptAdapter, Gpt2Adapter, GptNeoXAdapter,
+    Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter,
 )
 """In the order they are asked: adapters that match a ``model_type`` first, then those that
 recognize a decoder by its layout (Phi-3's fused projections, the LLaMA layout)."""

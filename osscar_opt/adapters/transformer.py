@@ -68,6 +68,11 @@ class TransformerAdapter(ModelAdapter):
         super().__init__(model)
         self.config = model.config
 
+    @property
+    def architecture(self) -> str:
+        """The model's ``config.model_type`` (the family's name when it has none)."""
+        return str(getattr(self.config, "model_type", None) or self.family)
+
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
         """True when ``model`` is a transformers model of one of ``model_types``."""
