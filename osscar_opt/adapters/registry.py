@@ -21,10 +21,11 @@ from osscar_opt.adapters.opt import OptAdapter
 from osscar_opt.adapters.phi3 import Phi3Adapter
 from osscar_opt.adapters.resnet import ResNetAdapter
 from osscar_opt.adapters.transformer import TransformerAdapter
+from osscar_opt.adapters.vit import ViTAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     BertAdapter, DistilBertAdapter, MPNetAdapter, ModernBertAdapter, OptAdapter, Gpt2Adapter, GptNeoXAdapter,
-    Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter,
+    ViTAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter,
 )
 """In the order they are asked: adapters that match a ``model_type`` first, then those that
 recognize a decoder by its layout (Phi-3's fused projections, the LLaMA layout)."""

@@ -130,6 +130,13 @@ class TransformerAdapter(ModelAdapter):
         device = model_device(self.model)
         return [batch.to(device) for batch in calibration.split(check_batch_size(batch_size))]
 
+    def model_inputs(self, batch: torch.Tensor) -> dict[str, Any]:
+        """The keyword arguments of the model's forward for one calibration batch (token ids, all attended)."""
+        inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+        if self.causal_lm:
+            inputs["use_cache"] = False
+        return inputs
+
     def layer_types(self) -> list[str] | None:
         """``config.layer_types`` (one per block) when the blocks are of several types (sliding-window
         and global attention: Gemma 2/3, Qwen3, SmolLM3), else None."""
@@ -180,9 +187,7 @@ class TransformerAdapter(ModelAdapter):
             for index in indices]
         try:
             for ids in batches:
-                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                if self.causal_lm:
-                    inputs["use_cache"] = False
+                inputs = self.model_inputs(ids)
                 variants = {}
                 with contextlib.suppress(_Stop):
                     self.model(**inputs)
