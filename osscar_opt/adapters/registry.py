@@ -10,6 +10,7 @@ from torch import nn
 from osscar_opt.adapters.base import ModelAdapter
 from osscar_opt.adapters.bert import BertAdapter
 from osscar_opt.adapters.convnet import ConvNetAdapter
+from osscar_opt.adapters.convnext import ConvNeXtAdapter
 from osscar_opt.adapters.distilbert import DistilBertAdapter
 from osscar_opt.adapters.gpt2 import Gpt2Adapter
 from osscar_opt.adapters.gpt_neox import GptNeoXAdapter
@@ -25,7 +26,7 @@ from osscar_opt.adapters.vit import ViTAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     BertAdapter, DistilBertAdapter, MPNetAdapter, ModernBertAdapter, OptAdapter, Gpt2Adapter, GptNeoXAdapter,
-    ViTAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter,
+    ViTAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter, ConvNeXtAdapter,
 )
 """In the order they are asked: adapters that match a ``model_type`` first, then those that
 recognize a decoder by its layout (Phi-3's fused projections, the LLaMA layout)."""
