@@ -133,7 +133,7 @@ def test_a_uniform_budget_prunes_every_kind_exactly_and_reloads(family, tmp_path
     assert how == ("stock" if family in STOCK_HEADS else "trust_remote_code")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "phi3", "olmo2", "gpt_neox"])
+@pytest.mark.parametrize("family", sorted(DECODERS))
 def test_a_params_target_is_met_and_the_folder_reloads(family, tmp_path):
     model = build(family)
     dense = sum(p.numel() for p in model.parameters())

@@ -85,7 +85,7 @@ def test_uniform_mlp_widths_reload_with_the_stock_class(family, tmp_path):
     assert reload_and_compare(model, report, tmp_path / "saved") == "stock"
 
 
-@pytest.mark.parametrize("family", ["modernbert", "mpnet"])
+@pytest.mark.parametrize("family", sorted(ENCODERS))
 def test_a_params_target_is_met_and_the_folder_reloads(family, tmp_path):
     model = tiny_encoder(family)
     report = run(model, CostTarget("params", 0.95, grid=8))
