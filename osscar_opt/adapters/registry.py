@@ -21,12 +21,13 @@ from osscar_opt.adapters.mpnet import MPNetAdapter
 from osscar_opt.adapters.opt import OptAdapter
 from osscar_opt.adapters.phi3 import Phi3Adapter
 from osscar_opt.adapters.resnet import ResNetAdapter
+from osscar_opt.adapters.torchvision_vit import TorchvisionViTAdapter
 from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.adapters.vit import ViTAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     BertAdapter, DistilBertAdapter, MPNetAdapter, ModernBertAdapter, OptAdapter, Gpt2Adapter, GptNeoXAdapter,
-    ViTAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter, ConvNeXtAdapter,
+    ViTAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter, ConvNeXtAdapter, TorchvisionViTAdapter,
 )
 """In the order they are asked: adapters that match a ``model_type`` first, then those that
 recognize a decoder by its layout (Phi-3's fused projections, the LLaMA layout)."""
