@@ -206,3 +206,24 @@ def test_phi3_per_block_attention_widths_reload_with_load_pruned_only(tmp_path):
     assert reload_and_compare("phi3", model, report, tmp_path / "saved") == "load_pruned"
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert "osscar_opt.load_pruned" in config["model_type"]
+
+
+def test_the_cli_prunes_an_unlisted_model_type_folder_with_the_llama_layout(tmp_path, capsys):
+    import shutil
+
+    from osscar_opt import cli
+    from osscar_opt.models import minilm_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_decoder("helium", vocab_size=30522).save_pretrained(tmp_path / "helium")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_path() / name).exists():
+            shutil.copy(minilm_path() / name, tmp_path / "helium" / name)
+    argv = ["prune", "--model", str(tmp_path / "helium"), "--neurons-sparsity", "0.5", "--samples", "8", "--seq-len",
+            "16", "--batch-size", "4", "--backend", "greedy", "--quiet", "--no-eval", "--output", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err  # the CLI shows osscar_opt's warnings as one line each
+    assert "osscar prune: warning: model: model_type 'helium' is not a listed family; it matches the LLaMA" in err
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert stock.model.layers[0].mlp.down_proj.in_features == 24

@@ -210,7 +210,8 @@ class StagePruner:
         problem.keep = total
         calibration_seconds = time.perf_counter() - start
         if self.settings.save_problems is not None:
-            problem.save(self.settings.save_problems / f"{self.index:03d}.{position}_{structure.name}.safetensors")
+            file = f"{self.index:03d}.{position}_{structure.name.replace(':', '.')}.safetensors"  # no ':' in names
+            problem.save(self.settings.save_problems / file)
         if structure.blocks > 1:
             solution = solve_balanced(problem, structure.blocks, keep, self.settings.backend,
                                       **self.settings.backend_options)
