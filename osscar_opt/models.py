@@ -110,7 +110,9 @@ def _load_folder(folder: Path) -> tuple[nn.Module, Any, bool]:
         from osscar_opt.io import load_pruned
 
         model = load_pruned(folder)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        # the folder's auto_map (per-layer widths) is for the model; the tokenizer is stock: never prompt
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                               trust_remote_code=False)
         return model, tokenizer, bool(getattr(model, "can_generate", lambda: False)())
     model_type, architectures = _config_model_type(folder)
     _check_supported(model_type)
