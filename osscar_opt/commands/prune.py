@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep the model on the CPU and move one block (stage) at a time to --device (default: "
                         "cuda if available) for its calibration passes and solves: prunes a model larger than GPU "
                         "memory; the before/after evaluation then runs on the CPU (--no-eval skips it)")
-    parser.add_argument("--calib-text", default=None, help="calibration text file (or dataset name when online)")
-    parser.add_argument("--eval-text", default=None, help="evaluation text file (or dataset name when online)")
+    parser.add_argument("--calib-text", default=None, metavar="TEXT",
+                        help="calibration text: a file, or wiki (default: Wikipedia summaries), shakespeare, stdlib, "
+                        "licences")
+    parser.add_argument("--eval-text", nargs="+", default=None, metavar="TEXT",
+                        help="evaluation texts (files or the names above; default: wiki, its held-out articles); "
+                        "the table uses the first, and every text gets a quality row")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     parser.add_argument("--output", default=None,
                         help="folder to save the pruned model to (with its tokenizer and kept ids); without it the "
@@ -281,9 +286,35 @@ def _progress(message: str, quiet: bool) -> None:
         print(message, flush=True)
 
 
+def _evaluate_domains(loaded: Any, domains: dict[str, Any], reference: dict[str, Any] | None,
+                      quiet: bool) -> dict[str, Any]:
+    """The first text with size and speed (the main table), every other text's quality only."""
+    from osscar_opt import cross_domain, evaluate
+
+    first, *others = domains
+    results = {first: evaluate.evaluate_model(loaded.model, loaded.tokenizer, domains[first],
+                                              reference=None if reference is None else reference[first],
+                                              progress=not quiet)}
+    rest = {key: domains[key] for key in others}
+    return {**results, **cross_domain.quality(loaded.model, loaded.tokenizer, rest, reference, progress=not quiet)}
+
+
+def _warn_overlap(calib_texts: list[str], args: argparse.Namespace, causal: bool) -> None:
+    """A warning, with the share, for an evaluation text that overlaps the calibration text."""
+    from osscar_opt import cross_domain
+    from osscar_opt.data import text
+
+    for spec in args.eval_text or [None]:
+        share = cross_domain.overlap_share(calib_texts, text.load_texts(spec, "eval", causal, "eval_text"))
+        if share > cross_domain.OVERLAP_WARNING:
+            warnings.warn(f"eval_text: {share:.0%} of {text.source_name(spec)}'s {cross_domain.NGRAM}-word "
+                          "sequences are also in the calibration text, so its quality row is partly in-sample",
+                          UserWarning, stacklevel=2)
+
+
 def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     """Load, evaluate, prune, evaluate again, save; returns the report document."""
-    from osscar_opt import evaluate, models
+    from osscar_opt import cross_domain, evaluate, models
     from osscar_opt.adapters.registry import adapter_for
     from osscar_opt.data import text
     from osscar_opt.pipeline import prune
@@ -298,17 +329,17 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     samples = args.samples or DEFAULT_SAMPLES
     models.check_seq_len(loaded.model, seq_len, "--seq-len")
-    calibration = text.calibration_ids(
-        loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"), samples, seq_len,
-    )
-    _progress(f"calibration: {samples} samples x {seq_len} tokens from {args.calib_text or 'the built-in text'}",
-              args.quiet)
-    eval_data, dense_copy = None, None
+    calib_texts = text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text")
+    calibration = text.calibration_ids(loaded.tokenizer, calib_texts, samples, seq_len)
+    calibrated_on = text.source_name(args.calib_text)
+    _progress(f"calibration: {samples} samples x {seq_len} tokens from {calibrated_on}", args.quiet)
+    domains, before, dense_copy = {}, {}, None
     if not args.no_eval:
+        domains = cross_domain.domain_data(loaded.tokenizer, args.eval_text or [None], loaded.causal,
+                                           seq_len=seq_len)
+        _warn_overlap(calib_texts, args, loaded.causal)
         _progress("evaluating the dense model ...", args.quiet)
-        texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
-        eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
-        before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, progress=not args.quiet)
+        before = _evaluate_domains(loaded, domains, None, args.quiet)
         if not getattr(args, "offload", False):  # timed against the pruned model, interleaved, afterwards
             dense_copy = copy.deepcopy(loaded.model)
     options = _prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE)
@@ -317,21 +348,29 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if options.get("executor") is not None:
             options["executor"].close()
+    report.settings["calibration_text"] = calibrated_on
     document: dict[str, Any] = {"model": loaded.name, "note": loaded.note, **report.to_dict()}
     print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}; {report.settings_line()}")
     if loaded.note:
         print(f"note: {loaded.note}")
-    if eval_data is not None:
+    if domains:
         _progress("evaluating the pruned model ...", args.quiet)
-        after = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, reference=before,
-                                        progress=not args.quiet)
+        after = _evaluate_domains(loaded, domains, before, args.quiet)
+        first = next(iter(domains))
         if dense_copy is not None:
-            evaluate.record_comparison(before, after, evaluate.time_against(dense_copy, loaded.model, eval_data))
+            comparison = evaluate.time_against(dense_copy, loaded.model, domains[first])
+            evaluate.record_comparison(before[first], after[first], comparison)
             del dense_copy
-        document["dense"], document["pruned"] = evaluate.public(before), evaluate.public(after)
-        print(evaluate.format_table(before, after))
-        print(evaluate.measurement_note(after))
-        collapse = evaluate.collapse_warning(before, after)
+        document["dense"], document["pruned"] = evaluate.public(before[first]), evaluate.public(after[first])
+        print(evaluate.format_table(before[first], after[first]))
+        print(evaluate.measurement_note(after[first]))
+        if len(domains) > 1:
+            document["domains"] = {k: {"dense": evaluate.public(before[k]), "pruned": evaluate.public(v)}
+                                   for k, v in after.items()}
+            document["unseen_mean"] = cross_domain.unseen_mean(after, calibrated_on)
+            print(f"\nquality per text (calibrated on {calibrated_on}):")
+            print(cross_domain.format_table(before, after, calibrated_on))
+        collapse = evaluate.collapse_warning(before[first], after[first])
         if collapse:
             print(collapse)
             document["quality_collapsed"] = collapse
