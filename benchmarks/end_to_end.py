@@ -77,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--perplexity-windows", type=int, default=16)
     parser.add_argument("--smollm2-local-search", default="{}",
                         help="JSON options of local-search on SmolLM2 (default: the backend's defaults)")
+    parser.add_argument("--minilm-local-search", default="{}",
+                        help="JSON options of local-search on MiniLM (default: the backend's defaults)")
     parser.add_argument("--quick", action="store_true", help="tiny sample counts, two backends")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table-from", type=Path, nargs="+", default=None,
@@ -126,8 +128,8 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
         budgets = {"heads": heads, "kv_groups": heads, "neurons": neurons}
         for backend in args.backends:
             for target, damp, objective in itertools.product(args.targets, args.damps, args.objectives):
-                local = backend == "local-search" and loaded.causal
-                options = json.loads(args.smollm2_local_search) if local else {}
+                own = args.smollm2_local_search if loaded.causal else args.minilm_local_search
+                options = json.loads(own) if backend == "local-search" else {}
                 model = copy.deepcopy(loaded.model)
                 report = prune(model, calibration, budgets, backend=backend, backend_options=options,
                                target=target, damp=damp, objective=objective, batch_size=8, progress=False)
@@ -277,7 +279,8 @@ def main() -> None:
         run_model(name, args, rows, save)
     plot(rows, args.out / "end_to_end.png")
     print(f"\n{markdown(rows)}\n")
-    print(f"* local-search on SmolLM2 ran with {args.smollm2_local_search}. {SMOLLM2_NOTE}.")
+    print(f"* local-search ran with {args.smollm2_local_search} on SmolLM2, {args.minilm_local_search} on MiniLM. "
+          f"{SMOLLM2_NOTE}.")
     print(f"total {time.perf_counter() - started:.0f} s; wrote {args.out / 'end_to_end.json'} and end_to_end.png")
 
 
