@@ -15,8 +15,12 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-KINDS: tuple[str, ...] = ("heads", "kv_groups", "neurons", "channels")
-"""Structure kinds: attention heads, GQA key-value groups, MLP neurons, conv channels."""
+KINDS: tuple[str, ...] = ("heads", "kv_groups", "q_heads", "neurons", "channels")
+"""Structure kinds: attention heads, GQA key-value groups, query heads inside each KV group (a
+budget counts them per KV group), MLP neurons, conv channels."""
+DEFAULT_KINDS: tuple[str, ...] = ("heads", "kv_groups", "neurons", "channels")
+"""The kinds a float budget (``oneshot``) or a :class:`CostTarget` without ``kinds`` prunes:
+``q_heads`` only when named, so that a GQA model's default prune is the same as before the kind existed."""
 
 
 def check_sparsity(value: float, name: str) -> float:
@@ -112,7 +116,8 @@ class CostTarget:
         metric: one of :data:`TARGET_METRICS`.
         value: for ``macs`` / ``params`` the fraction of the dense cost kept, in ``(0, 1]``; for
             ``speedup`` the dense latency over the pruned latency, ``>= 1``.
-        kinds: structure kinds that may be pruned (default: every kind the model has).
+        kinds: structure kinds that may be pruned (default: every kind of :data:`DEFAULT_KINDS` the
+            model has; ``q_heads`` only when named).
         min_keep: the fraction of each structure's groups always kept, in ``[0, 1]``; at least one
             group is always kept (a whole attention layer or MLP is never removed).
         grid: keep counts per curve (every count for structures with at most ``grid`` groups).
@@ -158,7 +163,7 @@ class CostTarget:
             raise ValueError(
                 f"target {metric}: expected the fraction of the dense {metric} kept, in (0, 1], got {value!r}"
             )
-        chosen = list(KINDS) if kinds is None else list(kinds)
+        chosen = list(DEFAULT_KINDS) if kinds is None else list(kinds)
         unknown = sorted(str(kind) for kind in chosen if kind not in KINDS)
         if unknown or not chosen:
             raise ValueError(f"kinds: expected some of {list(KINDS)}, got {chosen!r}")

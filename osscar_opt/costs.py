@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall, first_output
+from osscar_opt.adapters.base import ModelAdapter, Stage, StageCall
 from osscar_opt.allocate import interpolate
 from osscar_opt.budget import check_cache_mode
 from osscar_opt.evaluate import call_macs, count_parameters, time_interleaved, wall_ms
@@ -132,17 +132,19 @@ def check_metric(metric: str) -> str:
 
 def cut_copy(stage: Stage, position: int | dict[int, int], keep: int | None = None) -> nn.Module:
     """A deep copy of ``stage.module`` whose structure at ``position`` keeps its first ``keep``
-    groups; ``position`` may instead map several positions to their keeps."""
+    groups (of every block, as a budget counts them); ``position`` may instead map several
+    positions to their keeps."""
     cuts = dict(position) if isinstance(position, dict) else {position: keep}
     module = copy.deepcopy(stage.module)
     for index, count in cuts.items():
         structure = stage.structures(module)[index]
-        if count < structure.num_groups:
+        if count < structure.budget_groups:
             W = structure.weight()
-            columns = rows_for(structure.groups, range(count)).to(W.device)
+            kept = structure.first_groups(count)
+            columns = rows_for(structure.groups, kept).to(W.device)
             weights = torch.zeros_like(W)
             weights[:, columns] = W[:, columns]
-            apply_solution(structure, range(count), weights, None)
+            apply_solution(structure, kept, weights, None)
     return module
 
 
@@ -270,7 +272,7 @@ class StageCoster:
         return cut_copy(self.stage, cuts) if cuts else self.stage.module
 
     def _run(self, module: nn.Module) -> Callable[[], Any]:
-        return lambda: first_output(module(self.hidden, *self.call.args, **self.call.kwargs))
+        return lambda: self.adapter.run_stage(self.stage, self.hidden, self.call, module)
 
     def _measure(self, cuts: dict[int, int]) -> float:
         """MACs or parameters of the stage with the structures at the positions of ``cuts`` cut to
@@ -284,7 +286,7 @@ class StageCoster:
     def table(self, position: int, keeps: Sequence[int]) -> list[float]:
         """``cost(k) - cost(full)`` of the structure at ``position`` for every ``k`` in ``keeps``."""
         structure = self.stage.structures(self.stage.module)[position]
-        n = structure.num_groups
+        n = structure.budget_groups
         if self.metric in ("macs", "params"):
             full = self._measure({})
             one = self._measure({position: 1}) if n > 1 else full
@@ -301,7 +303,7 @@ class StageCoster:
         if self.metric == "latency":
             return 0.0
         structures = self.stage.structures(self.stage.module)
-        n1, n2 = structures[first].num_groups, structures[second].num_groups
+        n1, n2 = structures[first].budget_groups, structures[second].budget_groups
         if n1 < 2 or n2 < 2:
             return 0.0
         full = self._measure({})

@@ -131,14 +131,15 @@ def loss_curve(
                     state.track_outside()
                 swap_loop(search, 1, swaps, None)
         supports[keep] = state.support()
-    relative = [_relative_value(problem, supports[k]) for k in keeps]
+    relative = [relative_value(problem, supports[k]) for k in keeps]
     return Curve(
         name=name, kind=kind, num_groups=problem.num_groups, keeps=keeps, relative=relative,
         supports=[supports[k] for k in keeps], heldout=problem.heldout is not None,
     )
 
 
-def _relative_value(problem: LayerProblem, support: tuple[int, ...]) -> float:
+def relative_value(problem: LayerProblem, support: tuple[int, ...]) -> float:
+    """A curve point's value: the loss over ``c0``, or the held-out error over the held-out ``||Y||^2``."""
     if problem.heldout is not None:
         reference = problem.heldout.y_square
         return float(problem.heldout_error(support)) / reference if reference > 0 else 0.0

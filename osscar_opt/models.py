@@ -94,13 +94,30 @@ def _config_model_type(folder: Path) -> tuple[str, list[str]]:
     return str(document.get("model_type")), list(document.get("architectures") or [])
 
 
-def _check_supported(model_type: str) -> None:
-    from osscar_opt.adapters.registry import supported_model_types
+def _check_supported(folder: Path, model_type: str, causal: bool) -> None:
+    """Refuse a folder no adapter can prune before its weights load: a listed ``model_type`` passes;
+    another is built on the meta device from its config (no memory) and must match a layout an
+    adapter recognizes (``adapters.registry.adapter_for``, whose error lists what is supported)."""
+    import warnings
 
-    if model_type not in supported_model_types():
+    import transformers
+
+    from osscar_opt.adapters.registry import adapter_for, supported_model_types
+
+    if model_type in supported_model_types():
+        return
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            twin = cls.from_config(config)
+    except (ValueError, KeyError, OSError) as exc:
         raise ValueError(
             f"model: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
+        ) from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the prune itself warns about an unlisted model_type
+        adapter_for(twin)
 
 
 def _load_folder(folder: Path) -> tuple[nn.Module, Any, bool]:
@@ -115,8 +132,8 @@ def _load_folder(folder: Path) -> tuple[nn.Module, Any, bool]:
                                                                trust_remote_code=False)
         return model, tokenizer, bool(getattr(model, "can_generate", lambda: False)())
     model_type, architectures = _config_model_type(folder)
-    _check_supported(model_type)
     causal = any(a.endswith("ForCausalLM") for a in architectures)
+    _check_supported(folder, model_type, causal)
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = cls.from_pretrained(str(folder), local_files_only=True)
     return model, transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True), causal

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from osscar_opt.budget import KINDS, Budget, check_sparsity
+from osscar_opt.budget import DEFAULT_KINDS, Budget, check_sparsity
 
 DEFAULT_SPARSITY = 0.25
 """Fraction of every structure kind removed when no budget is given (the CLI's default)."""
@@ -76,7 +76,7 @@ def _budget(budgets: Any, kinds: set[str]) -> Budget | Mapping[str, float]:
         if value == 0.0:
             raise ValueError("budgets: 0 prunes nothing; expected a sparsity in (0, 1), a mapping such as "
                              "{'heads': 0.25, 'neurons': 0.5} or a CostTarget")
-        return {kind: value for kind in KINDS if kind in kinds}
+        return {kind: value for kind in DEFAULT_KINDS if kind in kinds}
     return budgets
 
 

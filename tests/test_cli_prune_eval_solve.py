@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import BertConfig, BertModel, GPTJConfig, GPTJForCausalLM
 
 from osscar_opt import cli
 from osscar_opt.adapters.registry import adapter_for
@@ -101,15 +101,14 @@ def test_bad_prune_arguments_are_clean_errors(tiny_bert_folder, extra, message, 
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
-    config = GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                           vocab_size=50)
-    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
-    assert cli.main(["prune", "--model", str(tmp_path / "neox"), "--quiet"]) == 2
+    config = GPTJConfig(n_layer=1, n_embd=16, n_head=2, rotary_dim=4, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    GPTJForCausalLM(config).save_pretrained(tmp_path / "gptj")
+    assert cli.main(["prune", "--model", str(tmp_path / "gptj"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "unsupported architecture 'gpt_neox'" in err
-    assert all(name in err for name in ("bert", "gpt2", "llama", "opt"))
+    assert "unsupported architecture 'gptj'" in err
+    assert all(name in err for name in ("bert", "gpt2", "gpt_neox", "llama", "opt", "phi3", "LLaMA layout"))
     with pytest.raises(ValueError, match="supported: bert"):
-        adapter_for(GPTNeoXForCausalLM(config))
+        adapter_for(GPTJForCausalLM(config))
 
 
 def test_empty_calibration_text_is_a_clean_error(tiny_bert_folder, tmp_path, capsys):

@@ -57,7 +57,9 @@ def test_prune_with_weights_and_images_writes_model_report_and_problems(tmp_path
         (prune_argv("--weights", "/no/such/weights.pt"), "weights: no such file"),
         # not a torchvision architecture osscar knows: taken for a transformers model
         (["prune", "--model", "vgg11", "--channels-sparsity", "0.5", "--quiet"],
-         "torchvision models only (resnet18, resnet34, resnet50, resnet101, mobilenet_v2), got 'vgg11'"),
+         "torchvision models only (resnet18, resnet34, resnet50, resnet101, mobilenet_v2, convnext_tiny, "
+         "convnext_small, convnext_base, convnext_large, vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, "
+         "vision_transformer), got 'vgg11'"),
         (["prune", "--model", "vgg11", "--quiet"], "or a torchvision architecture: resnet18, resnet34, resnet50"),
     ],
 )

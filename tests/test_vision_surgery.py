@@ -90,7 +90,10 @@ def test_mobilenet_forward_local_search_save_reload(images, tmp_path):
 def test_detects_architectures_from_structure():
     assert adapter_for(torchvision.models.resnet34()).architecture == "resnet34"
     assert adapter_for(small_model("resnet50")).architecture == "resnet50"
-    assert set(vision_architectures()) == {"resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"}
+    assert set(vision_architectures()) == {"resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
+                                           "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+                                           "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
+                                           "vision_transformer"}
     assert torchvision_io.handles(small_model("mobilenet_v2"))
     assert not torchvision_io.handles(nn.Linear(2, 2))
 

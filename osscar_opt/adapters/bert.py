@@ -1,4 +1,4 @@
-"""BERT family (BertModel and its task heads): heads of the self-attention, MLP neurons.
+"""BERT layout (BERT, RoBERTa, XLM-RoBERTa and their task heads): heads of the self-attention, MLP neurons.
 
 Block ``encoder.layer.i``: heads are input groups of ``attention.output.dense`` with producers
 ``attention.self.{query,key,value}``; neurons are input columns of ``output.dense`` with producer
@@ -18,7 +18,7 @@ from osscar_opt.formulations.structures import Structure
 
 class BertAdapter(TransformerAdapter):
     family = "bert"
-    model_types = ("bert",)
+    model_types = ("bert", "roberta", "xlm-roberta")
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.base_model.encoder.layer)

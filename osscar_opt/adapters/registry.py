@@ -10,16 +10,27 @@ from torch import nn
 from osscar_opt.adapters.base import ModelAdapter
 from osscar_opt.adapters.bert import BertAdapter
 from osscar_opt.adapters.convnet import ConvNetAdapter
+from osscar_opt.adapters.convnext import ConvNeXtAdapter
+from osscar_opt.adapters.distilbert import DistilBertAdapter
 from osscar_opt.adapters.gpt2 import Gpt2Adapter
+from osscar_opt.adapters.gpt_neox import GptNeoXAdapter
 from osscar_opt.adapters.llama import LlamaAdapter
 from osscar_opt.adapters.mobilenet import MobileNetV2Adapter
+from osscar_opt.adapters.modernbert import ModernBertAdapter
+from osscar_opt.adapters.mpnet import MPNetAdapter
 from osscar_opt.adapters.opt import OptAdapter
+from osscar_opt.adapters.phi3 import Phi3Adapter
 from osscar_opt.adapters.resnet import ResNetAdapter
+from osscar_opt.adapters.torchvision_vit import TorchvisionViTAdapter
 from osscar_opt.adapters.transformer import TransformerAdapter
+from osscar_opt.adapters.vit import ViTAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    BertAdapter, OptAdapter, LlamaAdapter, Gpt2Adapter, ResNetAdapter, MobileNetV2Adapter,
+    BertAdapter, DistilBertAdapter, MPNetAdapter, ModernBertAdapter, OptAdapter, Gpt2Adapter, GptNeoXAdapter,
+    ViTAdapter, Phi3Adapter, LlamaAdapter, ResNetAdapter, MobileNetV2Adapter, ConvNeXtAdapter, TorchvisionViTAdapter,
 )
+"""In the order they are asked: adapters that match a ``model_type`` first, then those that
+recognize a decoder by its layout (Phi-3's fused projections, the LLaMA layout)."""
 
 
 def supported_model_types() -> list[str]:
@@ -46,4 +57,6 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
             return cls(model)
     config = getattr(model, "config", None)
     found = getattr(config, "model_type", type(model).__name__)
-    raise ValueError(f"model: unsupported architecture {found!r}; supported: {', '.join(supported())}")
+    raise ValueError(f"model: unsupported architecture {found!r}; supported: {', '.join(supported())}, and "
+                     "decoders with the LLaMA layout (self_attn.{q,k,v,o}_proj + mlp.{gate,up,down}_proj) or the "
+                     "Phi-3 layout (self_attn.qkv_proj + mlp.gate_up_proj)")

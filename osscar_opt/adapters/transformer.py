@@ -40,6 +40,10 @@ def token_ids_of(encoding: Mapping[str, Any]) -> torch.Tensor:
     return ids
 
 
+LAYER_CALLS = "osscar_layer_calls"
+"""Key of a :class:`StageCall`'s keyword arguments holding the call arguments of every layer type."""
+
+
 class _Stop(Exception):
     """Raised by the input catcher to end a forward pass at the first block."""
 
@@ -64,6 +68,11 @@ class TransformerAdapter(ModelAdapter):
         super().__init__(model)
         self.config = model.config
 
+    @property
+    def architecture(self) -> str:
+        """The model's ``config.model_type`` (the family's name when it has none)."""
+        return str(getattr(self.config, "model_type", None) or self.family)
+
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
         """True when ``model`` is a transformers model of one of ``model_types``."""
@@ -75,9 +84,15 @@ class TransformerAdapter(ModelAdapter):
         """The transformer blocks, in forward order."""
         raise NotImplementedError
 
-    def attention(self, block: nn.Module, prefix: str) -> Structure:
-        """The attention structure (heads, or KV groups for GQA) of ``block``."""
+    def attention(self, block: nn.Module, prefix: str) -> Structure | None:
+        """The attention structure (heads, or KV groups for GQA) of ``block``; None where the
+        family's attention cannot lose heads exactly (a norm over all heads at once)."""
         raise NotImplementedError
+
+    def query_heads(self, block: nn.Module, prefix: str) -> Structure | None:
+        """The ``q_heads`` structure of ``block`` (query heads inside each KV group), or None where
+        the model has no GQA (one query head per key-value head)."""
+        return None
 
     def mlp(self, block: nn.Module, prefix: str) -> Structure:
         """The MLP neuron structure of ``block``."""
@@ -93,7 +108,8 @@ class TransformerAdapter(ModelAdapter):
 
     def _structures_of(self, prefix: str):
         def structures(block: nn.Module) -> list[Structure]:
-            return [self.attention(block, prefix), self.mlp(block, prefix)]
+            found = [self.attention(block, prefix), self.query_heads(block, prefix), self.mlp(block, prefix)]
+            return [structure for structure in found if structure is not None]
 
         return structures
 
@@ -114,72 +130,158 @@ class TransformerAdapter(ModelAdapter):
         device = model_device(self.model)
         return [batch.to(device) for batch in calibration.split(check_batch_size(batch_size))]
 
+    def model_inputs(self, batch: torch.Tensor) -> dict[str, Any]:
+        """The keyword arguments of the model's forward for one calibration batch (token ids, all attended)."""
+        inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+        if self.causal_lm:
+            inputs["use_cache"] = False
+        return inputs
+
+    def layer_types(self) -> list[str] | None:
+        """``config.layer_types`` (one per block) when the blocks are of several types (sliding-window
+        and global attention: Gemma 2/3, Qwen3, SmolLM3), else None."""
+        types = getattr(self.config, "layer_types", None)
+        blocks = self.blocks()
+        if not isinstance(types, list | tuple) or len(set(types)) < 2 or len(types) < len(blocks):
+            return None
+        return [str(kind) for kind in types[:len(blocks)]]
+
     def stage_inputs(self, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[StageCall]]:
-        """Run the model up to the first block for every batch; its hidden input and call args."""
+        """Run the model up to the first block for every batch; its hidden input and call args.
+
+        Where the blocks are of several types (:meth:`layer_types`), the model passes each type
+        its own mask and position embeddings (Gemma 3: a local and a global rotary base): the
+        forward pass then runs on to the first block of every type, whose call arguments go into
+        the batch's :class:`StageCall` under :data:`LAYER_CALLS`; :meth:`run_stage` gives each block
+        those of its type."""
         hidden: list[torch.Tensor] = []
         calls: list[StageCall] = []
+        blocks = self.blocks()
+        types = self.layer_types()
+        firsts: dict[str, int] = {}
+        for index, kind in enumerate(types or []):
+            firsts.setdefault(kind, index)
+        last = max(firsts.values(), default=0)
+        variants: dict[str, dict[str, Any]] = {}
 
-        def catch(_module, args, kwargs):
-            if args:
-                hidden.append(args[0].detach())
-                rest = args[1:]
-            else:
-                hidden.append(kwargs.pop("hidden_states").detach())
-                rest = ()
-            calls.append(StageCall(rest, dict(kwargs)))
-            raise _Stop
+        def catcher(index: int, kinds: list[str]):
+            def catch(_module, args, kwargs):
+                kwargs = dict(kwargs)
+                if index == 0:
+                    hidden.append((args[0] if args else kwargs.pop("hidden_states")).detach())
+                else:
+                    kwargs.pop("hidden_states", None)
+                rest = args[1:] if args else ()
+                for kind in kinds:
+                    variants[kind] = {"args": rest, "kwargs": kwargs}
+                if index == 0:
+                    calls.append(StageCall(rest, dict(kwargs)))
+                if index == last:
+                    raise _Stop
 
-        handle = self.blocks()[0].register_forward_pre_hook(catch, with_kwargs=True)
+            return catch
+
+        indices = sorted(set(firsts.values()) | {0})
+        handles = [blocks[index].register_forward_pre_hook(
+            catcher(index, [kind for kind, first in firsts.items() if first == index]), with_kwargs=True)
+            for index in indices]
         try:
             for ids in batches:
-                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                if self.causal_lm:
-                    inputs["use_cache"] = False
+                inputs = self.model_inputs(ids)
+                variants = {}
                 with contextlib.suppress(_Stop):
                     self.model(**inputs)
+                if types is not None:
+                    calls[-1].kwargs[LAYER_CALLS] = dict(variants)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return hidden, calls
 
+    def run_stage(self, stage: Stage, hidden: torch.Tensor, call: StageCall, module: nn.Module | None = None):
+        """As :meth:`ModelAdapter.run_stage`, with the call arguments of the stage's layer type."""
+        variants = call.kwargs.get(LAYER_CALLS)
+        if variants is not None:
+            kind = self.layer_types()[self._block_index(stage.name)]
+            call = StageCall(variants[kind]["args"], variants[kind]["kwargs"])
+        return super().run_stage(stage, hidden, call, module)
+
+    def _block_index(self, name: str) -> int:
+        indices = getattr(self, "_indices", None)
+        if indices is None:
+            indices = self._indices = {self.qualified_name(block): i for i, block in enumerate(self.blocks())}
+        if name not in indices:
+            raise ValueError(f"stage: {name!r} is not a block of the model")
+        return indices[name]
+
     # ---------------------------------------------------------------- dimensions (save / reload)
+    def _dim_structures(self, block: nn.Module) -> dict[str, Structure]:
+        """The block's structures by the name of the width they set (``attention_groups``,
+        ``query_heads`` per KV group, ``mlp_neurons``), in pruning order."""
+        found = {"attention_groups": self.attention(block, ""), "query_heads": self.query_heads(block, ""),
+                 "mlp_neurons": self.mlp(block, "")}
+        return {key: structure for key, structure in found.items() if structure is not None}
+
     def block_dims(self, block: nn.Module) -> dict[str, int]:
-        """Per-block dimensions: kept attention groups and MLP neurons."""
-        return {
-            "attention_groups": self.attention(block, "").num_groups,
-            "mlp_neurons": self.mlp(block, "").num_groups,
-        }
+        """Per-block widths: kept attention groups, query heads per KV group (GQA), MLP neurons."""
+        return {key: structure.budget_groups for key, structure in self._dim_structures(block).items()}
 
     def dims(self) -> list[dict[str, int]]:
         """Dimensions of every block, for the saved metadata."""
         return [self.block_dims(block) for block in self.blocks()]
 
-    def config_fields(self, attention_groups: int, mlp_neurons: int) -> dict[str, int] | None:
-        """Config fields under which the family's stock class builds every block with these widths,
-        or None when its config cannot say so (here: a pruned head count, since the head size is
-        derived from ``hidden_size / heads``)."""
-        if attention_groups != int(getattr(self.config, self.heads_field)):
+    def config_fields(self, dims: Mapping[str, int]) -> dict[str, int] | None:
+        """Config fields under which the family's stock class builds every block with widths ``dims``
+        (one block's :meth:`block_dims`), or None when its config cannot say so (here: a pruned head
+        count, since the head size is derived from ``hidden_size / heads``)."""
+        heads = dims.get("attention_groups")
+        if heads is not None and heads != int(getattr(self.config, self.heads_field)):
             return None
-        return {self.mlp_size_field: mlp_neurons}
+        return {self.mlp_size_field: dims["mlp_neurons"]}
 
     def config_kinds(self) -> set[str]:
         """The structure kinds whose pruned width, the same in every block, the family's config can
-        state (so stock classes rebuild it): MLP neurons always, heads / KV groups only where the
-        config has a head size of its own."""
-        block = self.blocks()[0]
-        attention, mlp = self.attention(block, ""), self.mlp(block, "")
-        kinds = {mlp.kind}
-        if self.config_fields(max(attention.num_groups - 1, 1), mlp.num_groups) is not None:
-            kinds.add(attention.kind)
+        state (so stock classes rebuild it): MLP neurons always, heads / KV groups / query heads
+        only where the config has a head size of its own."""
+        structures = self._dim_structures(self.blocks()[0])
+        dense = {key: structure.budget_groups for key, structure in structures.items()}
+        kinds = set()
+        for key, structure in structures.items():
+            if self.config_fields({**dense, key: max(structure.budget_groups - 1, 1)}) is not None:
+                kinds.add(structure.kind)
         return kinds
 
     def stock_config_fields(self) -> dict[str, int] | None:
         """The config fields that describe the model as it is now (pruned), or None when stock
         ``from_pretrained`` cannot rebuild it: widths that differ between blocks, an emptied
-        structure, or widths the family's config cannot express (:meth:`config_fields`)."""
+        structure, widths the family's config cannot express (:meth:`config_fields`), or fields
+        under which the stock class (built on the meta device) would not have the pruned model's
+        parameter shapes."""
         dims = self.dims()
         if any(entry != dims[0] for entry in dims) or min(dims[0].values()) < 1:
             return None
-        return self.config_fields(**dims[0])
+        fields = self.config_fields(dims[0])
+        if fields is None or not self._builds_pruned_shapes(fields):
+            return None
+        return fields
+
+    def _builds_pruned_shapes(self, fields: Mapping[str, int]) -> bool:
+        """True when the model's class on its config with ``fields`` has exactly the pruned parameter shapes."""
+        import copy
+
+        config = copy.deepcopy(self.config)
+        for name, value in fields.items():
+            setattr(config, name, value)
+        with torch.device("meta"):
+            twin = type(self.model)(config)
+        shapes = {name: tuple(p.shape) for name, p in twin.named_parameters(remove_duplicate=False)}
+        return shapes == {name: tuple(p.shape) for name, p in self.model.named_parameters(remove_duplicate=False)}
+
+    def remote_code_rebuilds(self) -> bool:
+        """Whether the saved folder's remote-code module (:mod:`osscar_opt.io.remote_code`, which sets
+        parameter shapes and numeric module attributes) rebuilds the model as it is now; where not,
+        the folder reloads with :func:`osscar_opt.load_pruned` only."""
+        return True
 
     def sync_config(self) -> bool:
         """Write :meth:`stock_config_fields` into ``model.config`` so it describes the pruned model
@@ -195,29 +297,29 @@ class TransformerAdapter(ModelAdapter):
     def restore_dims(self, dims: list[dict[str, Any]]) -> None:
         """Shrink a freshly built dense model to saved per-block ``dims`` (values are reloaded after).
 
-        Every entry is checked before anything is resized: one ``{"attention_groups": a,
-        "mlp_neurons": n}`` per block, each an integer from 1 to the model's current (dense) width;
-        anything else is a ValueError (nothing is allocated for a width the dense model lacks)."""
-        from osscar_opt.formulations.surgery import resize_empty
+        Every entry is checked before anything is resized: one mapping per block with the dense
+        block's keys (:meth:`block_dims`; ``query_heads`` may be missing in folders saved before
+        that kind existed, and then stays dense), each an integer from 1 to the model's current
+        (dense) width; anything else is a ValueError (nothing is allocated for a width the dense
+        model lacks). Widths are restored in pruning order (KV groups before query heads)."""
+        from osscar_opt.formulations import surgery
 
         blocks = self.blocks()
         if not isinstance(dims, list) or len(dims) != len(blocks):
             saved = f"{len(dims)} blocks" if isinstance(dims, list) else f"a {type(dims).__name__}"
             raise ValueError(f"dims: {saved} saved, model has {len(blocks)} blocks")
-        keys = ("attention_groups", "mlp_neurons")
         for index, (block, entry) in enumerate(zip(blocks, dims, strict=True)):
-            if not isinstance(entry, Mapping) or set(entry) != set(keys):
-                raise ValueError(f"dims: block {index} must be {{'attention_groups': int, 'mlp_neurons': int}}, "
+            dense = self.block_dims(block)
+            required = set(dense) - {"query_heads"}
+            if not isinstance(entry, Mapping) or not required <= set(entry) <= set(dense):
+                raise ValueError(f"dims: block {index} must be {{{', '.join(f'{k!r}: int' for k in dense)}}}, "
                                  f"got {entry!r}")
-            dense = {"attention_groups": self.attention(block, "").num_groups,
-                     "mlp_neurons": self.mlp(block, "").num_groups}
-            for key in keys:
-                value = entry[key]
+            for key, value in entry.items():
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[key]:
                     raise ValueError(f"dims: block {index} {key} = {value!r}; expected an integer from 1 to "
                                      f"{dense[key]} (the dense model's width)")
         for block, entry in zip(blocks, dims, strict=True):
-            structures = {"attention_groups": self.attention(block, ""), "mlp_neurons": self.mlp(block, "")}
-            for key, structure in structures.items():
-                if entry[key] != structure.num_groups:
-                    resize_empty(structure, entry[key])
+            for key in self.block_dims(block):
+                structure = self._dim_structures(block)[key]  # re-derived: KV groups change the query heads'
+                if key in entry and entry[key] != structure.budget_groups:
+                    surgery.resize_empty(structure, entry[key])

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or a torchvision architecture name")
     parser.add_argument("--heads-sparsity", type=float, default=None,
                         help="fraction of attention heads (KV groups for GQA) removed per block (default 0.25)")
+    parser.add_argument("--q-heads-sparsity", type=float, default=None,
+                        help="fraction of the query heads of every KV group removed per block (GQA models; "
+                        "after --heads-sparsity's KV groups; default 0: none)")
     parser.add_argument("--neurons-sparsity", type=float, default=None,
                         help="fraction of MLP neurons removed per block (default 0.25)")
     parser.add_argument("--channels-sparsity", type=float, default=None,
@@ -208,13 +211,16 @@ def _transformer_budgets(args: argparse.Namespace):
             f"model: --channels-sparsity and --weights apply to torchvision models only "
             f"({', '.join(vision_architectures())}), got {args.model!r}"
         )
-    target = cost_target(args, ("heads_sparsity", "neurons_sparsity"))
+    target = cost_target(args, ("heads_sparsity", "q_heads_sparsity", "neurons_sparsity"))
     _check_target_flags(args, target)
     if target is not None:
         return target
     heads = check_sparsity(0.25 if args.heads_sparsity is None else args.heads_sparsity, "heads_sparsity")
     neurons = check_sparsity(0.25 if args.neurons_sparsity is None else args.neurons_sparsity, "neurons_sparsity")
-    return {"heads": heads, "kv_groups": heads, "neurons": neurons}
+    budgets = {"heads": heads, "kv_groups": heads, "neurons": neurons}
+    if args.q_heads_sparsity is not None:
+        budgets["q_heads"] = check_sparsity(args.q_heads_sparsity, "q_heads_sparsity")
+    return budgets
 
 
 def _prune_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
@@ -324,6 +330,9 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"loading {args.model or models.DEFAULT_MODEL} ...", args.quiet)
     loaded = models.load_model(args.model, _load_device(args), args.dtype)
     adapter = adapter_for(loaded.model)
+    if isinstance(budgets, dict) and args.heads_sparsity is None:  # the default attention sparsity: where there is one
+        present = {structure.kind for structure in adapter.structures()}
+        budgets = {kind: value for kind, value in budgets.items() if kind in present or kind in ("neurons", "q_heads")}
     if args.uniform_widths:
         budgets = _uniform_widths(budgets, adapter, args.heads_sparsity is not None or args.target_kinds is not None)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
@@ -416,7 +425,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
     from osscar_opt.io import torchvision as torchvision_io
     from osscar_opt.pipeline import prune_vision
 
-    if args.heads_sparsity is not None or args.neurons_sparsity is not None:
+    if args.heads_sparsity is not None or args.neurons_sparsity is not None or args.q_heads_sparsity is not None:
         raise ValueError("--heads-sparsity / --neurons-sparsity: torchvision models have conv channels only; "
                          "use --channels-sparsity or a --target-* flag")
     if args.uniform_widths:

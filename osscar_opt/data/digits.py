@@ -65,8 +65,9 @@ def build(architecture: str, num_classes: int = NUM_CLASSES, width_mult: float =
     """A stock, randomly initialized torchvision model (``width_mult`` only for mobilenet_v2)."""
     from osscar_opt.adapters.registry import vision_architectures
 
-    if architecture not in vision_architectures():
-        raise ValueError(f"architecture: expected one of {', '.join(vision_architectures())}, got {architecture!r}")
+    named = [name for name in vision_architectures() if name in torchvision.models.list_models()]
+    if architecture not in named:  # vision_transformer (a ViT of any size) has no stock builder by name
+        raise ValueError(f"architecture: expected one of {', '.join(named)}, got {architecture!r}")
     options = {"width_mult": width_mult} if architecture == "mobilenet_v2" else {}
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes, **options)
 

@@ -80,3 +80,81 @@ def kv_group_structure(
 
 # Multi-head attention is GQA with one query head per KV head (its structures have kind "heads").
 head_structure = kv_group_structure
+
+
+def query_head_structure(
+    name: str,
+    query: nn.Module,
+    output: nn.Module,
+    head_dim: int,
+    kv_heads: int,
+    on_resize: Callable[[int], None] | None = None,
+    query_rows: list[list[int]] | None = None,
+) -> Structure:
+    """Query heads inside the KV groups of a GQA attention (kind ``"q_heads"``).
+
+    Group ``h`` is query head ``h``: ``head_dim`` input columns of the output projection and the
+    same rows of the query projection (or ``query_rows[h]`` of a fused projection); keys and values
+    stay. The ``r = heads / kv_heads`` query heads of KV group ``j`` (heads ``j*r .. (j+1)*r-1``,
+    the order ``repeat_kv`` uses) form block ``j``: every block keeps the same number of heads,
+    since the stock forward repeats each key-value head for the same number of query heads.
+    ``name`` is the output projection's name with ``":q_heads"`` (the KV-group structure of the
+    same projection has the plain name), so budgets, reports and allocations tell the two apart.
+    """
+    output = check_linear(output, f"{name} (attention output)")
+    groups = _head_groups(name, output, head_dim)
+    if kv_heads < 1 or len(groups) % kv_heads:
+        raise ValueError(f"model: {name} has {len(groups)} query heads for {kv_heads} KV heads (not a multiple)")
+    rows = groups if query_rows is None else query_rows
+    producer = Producer(check_linear(query, f"{name} query projection"), rows)
+    return Structure(name, "q_heads", output, groups, [producer], on_resize, blocks=kv_heads)
+
+
+def fused_kv_group_structure(
+    name: str,
+    query_key_value: nn.Module,
+    output: nn.Module,
+    head_dim: int,
+    kv_heads: int,
+    on_resize: Callable[[int], None] | None = None,
+) -> Structure:
+    """KV groups (or heads) with one fused ``q | k | v`` projection of unequal segments (Phi-3's
+    ``qkv_proj``: ``heads * d`` query rows, then ``kv_heads * d`` key rows, then as many value rows).
+
+    Group ``j`` owns the query rows of its ``r`` query heads and the key and value rows of KV
+    head ``j``; the kept rows stay laid out query | key | value, so the module stays fused.
+    """
+    output = check_linear(output, f"{name} (attention output)")
+    fused = check_linear(query_key_value, f"{name} fused query/key/value projection")
+    width = matrix_shape(output)[1]
+    if head_dim <= 0 or width % head_dim or kv_heads < 1 or (width // head_dim) % kv_heads:
+        raise ValueError(f"model: {name} has {width} inputs: not {kv_heads} KV groups of heads of {head_dim}")
+    if matrix_shape(fused)[0] != width + 2 * kv_heads * head_dim:
+        raise ValueError(f"model: {name} fused projection has {matrix_shape(fused)[0]} outputs, expected "
+                         f"{width} + 2 x {kv_heads * head_dim}")
+    query = contiguous_groups(kv_heads, width // kv_heads)
+    key = contiguous_groups(kv_heads, head_dim, offset=width)
+    value = contiguous_groups(kv_heads, head_dim, offset=width + kv_heads * head_dim)
+    rows = [q + k + v for q, k, v in zip(query, key, value, strict=True)]
+    kind = "heads" if width // head_dim == kv_heads else "kv_groups"
+    producer = Producer(fused, rows, layout=[query, key, value])
+    return Structure(name, kind, output, query, [producer], on_resize)
+
+
+def interleaved_head_structure(
+    name: str,
+    query_key_value: nn.Module,
+    output: nn.Module,
+    head_dim: int,
+    on_resize: Callable[[int], None] | None = None,
+) -> Structure:
+    """Heads with a fused projection interleaved per head (GPT-NeoX's ``query_key_value``: head ``h``
+    owns the ``3 * d`` consecutive rows ``q_h | k_h | v_h``, reshaped with ``-1`` heads)."""
+    output = check_linear(output, f"{name} (attention output)")
+    fused = check_linear(query_key_value, f"{name} fused query/key/value projection")
+    groups = _head_groups(name, output, head_dim)
+    if matrix_shape(fused)[0] != 3 * matrix_shape(output)[1]:
+        raise ValueError(f"model: {name} fused projection has {matrix_shape(fused)[0]} outputs, expected "
+                         f"3 x {matrix_shape(output)[1]}")
+    rows = contiguous_groups(len(groups), 3 * head_dim)
+    return Structure(name, "heads", output, groups, [Producer(fused, rows)], on_resize)

@@ -38,14 +38,26 @@ class Producer:
         segments: for a fused projection (GPT-2's ``c_attn`` = query | key | value), the number
             of equal segments of ``rows[g]``; the kept rows are laid out segment by segment
             (all kept query rows, then all kept key rows, ...), as the module splits them.
+        layout: for a fused projection whose segments differ in size (Phi-3's ``qkv_proj`` with
+            GQA: ``r`` query heads but one key and one value head per group), ``layout[s][g]``
+            lists the rows of group ``g`` in segment ``s``; the kept rows are laid out segment by
+            segment. ``rows`` is then the union of each group's segments.
+        tail: rows of no group, always kept, after the kept groups' rows (Phi-3's key and value
+            rows when its query heads are pruned inside the KV groups).
     """
 
     module: nn.Module
     rows: list[list[int]]
     segments: int = 1
+    layout: list[list[list[int]]] | None = None
+    tail: list[int] = field(default_factory=list)
 
     def kept_rows(self, kept: Sequence[int]) -> torch.Tensor:
         """Output rows of the kept groups in the layout the module expects (int64)."""
+        if self.layout is not None:
+            return torch.tensor([i for segment in self.layout for g in kept for i in segment[g]], dtype=torch.int64)
+        if self.tail:
+            return torch.cat([rows_for(self.rows, kept), torch.tensor(self.tail, dtype=torch.int64)])
         if self.segments == 1:
             return rows_for(self.rows, kept)
         index = []
@@ -68,6 +80,10 @@ class Structure:
         producers: the layers that lose rows with the groups.
         on_resize: called with the number of kept groups after surgery, to update module
             attributes (number of heads, intermediate size) so stock forward code runs.
+        blocks: the groups fall into this many equal consecutive blocks that must keep the same
+            number of groups each (``q_heads``: the query heads of each KV group, since the stock
+            forward repeats every key-value head for the same number of query heads). A budget
+            counts groups per block (:attr:`budget_groups`); 1 for every other kind.
     """
 
     name: str
@@ -76,10 +92,22 @@ class Structure:
     groups: list[list[int]]
     producers: list[Producer] = field(default_factory=list)
     on_resize: Callable[[int], None] | None = None
+    blocks: int = 1
 
     @property
     def num_groups(self) -> int:
         return len(self.groups)
+
+    @property
+    def budget_groups(self) -> int:
+        """The groups a budget counts: all of them, or those of one block (``q_heads``: query heads per KV group)."""
+        return self.num_groups // self.blocks
+
+    def first_groups(self, count: int) -> list[int]:
+        """The first ``count`` groups of every block (``count`` as a budget counts): a valid support
+        of ``count * blocks`` groups, used to cut copies for cost tables and to resize before reloading."""
+        per_block = self.budget_groups
+        return [block * per_block + g for block in range(self.blocks) for g in range(count)]
 
     @property
     def in_features(self) -> int:

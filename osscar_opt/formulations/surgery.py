@@ -112,5 +112,6 @@ def apply_solution(
 
 
 def resize_empty(structure: Structure, keep: int) -> None:
-    """Shrink ``structure`` to its first ``keep`` groups, values irrelevant (used before reloading)."""
-    apply_solution(structure, range(keep), structure.weight())
+    """Shrink ``structure`` to its first ``keep`` groups (of every block, :meth:`Structure.first_groups`),
+    values irrelevant (used before reloading)."""
+    apply_solution(structure, structure.first_groups(keep), structure.weight())

@@ -82,6 +82,9 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     stock = adapter.stock_constructor()
     if stock is not None:
         meta["stock"] = {"class": f"torchvision.models.{stock[0]}", "kwargs": stock[1]}
+    if hasattr(adapter, "constructor"):  # sizes without a torchvision name (vision_transformer)
+        name, kwargs = adapter.constructor()
+        meta["constructor"] = {"class": name, "kwargs": kwargs}
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
     return meta, state
 
@@ -142,8 +145,26 @@ def build(meta: Mapping[str, Any]) -> nn.Module:
     modules = meta.get("modules")
     if not isinstance(modules, Mapping):
         raise ValueError("meta: missing the 'modules' shape records")
-    model = torchvision.models.get_model(architecture, weights=None, num_classes=int(meta["num_classes"]))
+    constructor = meta.get("constructor")
+    if isinstance(constructor, Mapping):
+        model = _constructed(constructor)
+    else:
+        model = torchvision.models.get_model(architecture, weights=None, num_classes=int(meta["num_classes"]))
     return resize(model, modules)
+
+
+CONSTRUCTORS = ("VisionTransformer",)
+"""torchvision classes a saved ``constructor`` record may name (integer arguments only)."""
+
+
+def _constructed(record: Mapping[str, Any]) -> nn.Module:
+    """The torchvision class of a ``constructor`` record called with its integer arguments."""
+    name, kwargs = record.get("class"), record.get("kwargs")
+    if name not in CONSTRUCTORS or not isinstance(kwargs, Mapping) or not all(
+            isinstance(value, int) and not isinstance(value, bool) for value in kwargs.values()):
+        raise ValueError(f"meta: constructor {dict(record)!r} is not one of {list(CONSTRUCTORS)} with integer "
+                         "arguments")
+    return getattr(torchvision.models, name)(**kwargs)
 
 
 def write_files(model: nn.Module, directory: Path) -> None:

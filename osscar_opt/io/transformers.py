@@ -87,7 +87,7 @@ def _config_document(model: nn.Module, directory: Path) -> dict[str, Any]:
     document.pop("quantization_config", None)
     document.pop("auto_map", None)
     if fields is None:
-        rebuilt = remote_code.record(model)
+        rebuilt = remote_code.record(model) if adapter.remote_code_rebuilds() else None
         document[CONFIG_RECORD] = {"model_type": document["model_type"], "blocks": adapter.dims(), **(rebuilt or {})}
         document["model_type"] = NOT_STOCK_TYPE.format(model_type=document["model_type"])
         if rebuilt is not None:

@@ -19,6 +19,7 @@ import torch
 from osscar_opt.adapters.base import Stage, StageCall
 from osscar_opt.allocate import Choices, InfeasibleTarget, allocate_with_pairs, interpolate, uniform_keeps
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
+from osscar_opt.balanced import balanced_curve
 from osscar_opt.costs import LatencyTable, StageCoster, model_cost, wall_timer
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
@@ -84,7 +85,7 @@ class Allocator:
             for position, structure in enumerate(stage.structures(stage.module)):
                 if structure.kind not in self.target.kinds():
                     continue
-                n = structure.num_groups
+                n = structure.budget_groups
                 keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
                 table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
                 problem, _, _ = pruner.build_problem(structure, hidden, self.calls, None)
@@ -108,18 +109,25 @@ class Allocator:
         each structure's choices."""
         if not self.pending:
             return
-        if self.executor is None:
+        blocked = [item for item in self.pending if item[1].blocks > 1]  # q_heads: equal counts per KV group
+        self.pending = [item for item in self.pending if item[1].blocks == 1] + blocked
+        if self.executor is None or len(blocked) == len(self.pending):
             curves = [loss_curve(problem, keeps, swaps=swaps, name=structure.name, kind=structure.kind)
+                      if structure.blocks == 1 else
+                      balanced_curve(problem, structure.blocks, keeps, name=structure.name, kind=structure.kind)
                       for _, structure, problem, keeps, swaps, *_ in self.pending]
         else:
             from osscar_opt.batch import curves_many
 
-            rows = curves_many([item[2] for item in self.pending], [item[3] for item in self.pending],
-                               [item[4] for item in self.pending], executor=self.executor)
+            free = self.pending[:len(self.pending) - len(blocked)]
+            rows = curves_many([item[2] for item in free], [item[3] for item in free],
+                               [item[4] for item in free], executor=self.executor)
             curves = [Curve(name=structure.name, kind=structure.kind, num_groups=problem.num_groups,
                             keeps=row["keeps"], relative=row["relative"],
                             supports=[tuple(s) for s in row["supports"]], heldout=row["heldout"])
-                      for (_, structure, problem, *_), row in zip(self.pending, rows, strict=True)]
+                      for (_, structure, problem, *_), row in zip(free, rows, strict=True)]
+            curves += [balanced_curve(problem, structure.blocks, keeps, name=structure.name, kind=structure.kind)
+                       for _, structure, problem, keeps, *_ in blocked]
         for (index, structure, _, keeps, _, table, layer_energy, stage_energy), curve in zip(self.pending, curves,
                                                                                             strict=True):
             normalize(curve, self.target.normalize, layer_energy=layer_energy, stage_energy=stage_energy)

@@ -19,7 +19,7 @@ from torch import nn
 
 from osscar_opt.adapters.base import ModelAdapter
 from osscar_opt.adapters.registry import adapter_for
-from osscar_opt.budget import Budget, CostTarget, as_budget
+from osscar_opt.budget import Budget, CostTarget, UniformSparsity, as_budget
 from osscar_opt.pipeline.placement import Placement, placement_for
 
 TARGETS = ("pruned-input", "dense-output")
@@ -184,6 +184,17 @@ def _check_kinds(adapter: ModelAdapter, budget: Budget) -> None:
         raise ValueError(
             f"budgets: prune {sorted(wanted)}, but this {adapter.architecture} model has only {sorted(present)}"
         )
+    if isinstance(budget, UniformSparsity) or (isinstance(budget, CostTarget) and "q_heads" in wanted):
+        # "heads" and "kv_groups" name the one attention structure (plain heads or GQA groups)
+        lacking = sorted(kind for kind in wanted - present
+                         if not (kind in ATTENTION_KINDS and ATTENTION_KINDS & present))
+        if lacking:
+            reason = " (q_heads needs GQA: fewer key-value heads than query heads)" if "q_heads" in lacking else ""
+            raise ValueError(f"budgets: prune {lacking}, but this {adapter.architecture} model has only "
+                             f"{sorted(present)}{reason}")
+
+
+ATTENTION_KINDS = {"heads", "kv_groups"}
 
 
 def _check_offload_target(placement: Placement, budget: Budget) -> None:

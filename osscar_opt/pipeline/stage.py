@@ -31,6 +31,7 @@ from torch import nn
 
 from osscar_opt.accumulator import SplitAccumulator, StatsAccumulator, choose_damp
 from osscar_opt.adapters.base import Stage, StageCall
+from osscar_opt.balanced import solve_balanced
 from osscar_opt.formulations.structures import Structure
 from osscar_opt.formulations.surgery import apply_solution
 from osscar_opt.pipeline.placement import Placement
@@ -192,22 +193,29 @@ class StagePruner:
     def prune_structure(self, position: int, pruned_in, calls, targets) -> LayerRecord | None:
         """Calibrate the live stage's structure at ``position``, solve it and cut it."""
         structure = self.stage.structures(self.stage.module)[position]
-        keep = self.budget.keep(structure.name, structure.kind, structure.num_groups)
+        counted = structure.budget_groups  # q_heads: query heads per KV group
+        keep = self.budget.keep(structure.name, structure.kind, counted)
         if keep is None:
             return None
-        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= structure.num_groups:
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= counted:
+            per_block = " per KV group" if structure.blocks > 1 else ""
             raise ValueError(
-                f"budgets: keep for {structure.name} must be an integer in [1, {structure.num_groups}] "
+                f"budgets: keep for {structure.name} must be an integer in [1, {counted}]{per_block} "
                 f"(or None to leave it alone), got {keep!r}"
             )
         start = time.perf_counter()
         problem, accumulator, lowering = self.build_problem(structure, pruned_in, calls, targets)
         W, meta = structure.weight(), problem.meta
-        problem.keep = keep
+        total = keep * structure.blocks
+        problem.keep = total
         calibration_seconds = time.perf_counter() - start
         if self.settings.save_problems is not None:
             problem.save(self.settings.save_problems / f"{self.index:03d}.{position}_{structure.name}.safetensors")
-        solution = solve(problem, keep, self.settings.backend, **self.settings.backend_options)
+        if structure.blocks > 1:
+            solution = solve_balanced(problem, structure.blocks, keep, self.settings.backend,
+                                      **self.settings.backend_options)
+        else:
+            solution = solve(problem, keep, self.settings.backend, **self.settings.backend_options)
         support, heldout_relative = solution.support, None
         if self.settings.split:
             columns = problem.kept_columns(support).to(problem.device)
@@ -221,7 +229,7 @@ class StagePruner:
         del accumulator
         apply_solution(structure, support, weights, bias)
         return LayerRecord(
-            stage=self.index, name=structure.name, kind=structure.kind, groups=structure.num_groups, keep=keep,
+            stage=self.index, name=structure.name, kind=structure.kind, groups=structure.num_groups, keep=total,
             kept=list(support), loss=loss, dense_loss=problem.loss(range(problem.num_groups)),
             relative_loss=loss / problem.c0 if problem.c0 > 0 else 0.0,
             backend=solution.backend, status=solution.status, solve_seconds=solution.seconds,
