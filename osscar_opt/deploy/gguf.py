@@ -208,10 +208,10 @@ def _per_layer(values: list[int], arch: str) -> int | list[int]:
 
 def write_gguf(model: nn.Module, plan: GGUFPlan, vocab: Any, path: Path, outtype: str, name: str) -> dict[str, Any]:
     """Write ``model`` as planned (:func:`plan_gguf`) with the tokenizer ``vocab``
-    (:func:`~osscar_opt.export.gguf_tokenizer.gguf_vocab`) to ``path``; what was written, by type."""
+    (:func:`~osscar_opt.deploy.gguf_tokenizer.gguf_vocab`) to ``path``; what was written, by type."""
     import gguf
 
-    from osscar_opt.export.gguf_tokenizer import write_vocab
+    from osscar_opt.deploy.gguf_tokenizer import write_vocab
 
     config = model.config
     writer = gguf.GGUFWriter(None, plan.arch)

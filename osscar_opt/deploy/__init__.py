@@ -1,10 +1,10 @@
-"""Export a (pruned or dense) model to a file a serving engine runs: GGUF for llama.cpp, ONNX for ONNX Runtime.
+"""Deploy: export a (pruned or dense) model to a file a serving engine runs: GGUF for llama.cpp, ONNX for ONNX Runtime.
 
 ``export(model_or_folder, path, format="gguf", outtype="f32")``: every argument is checked before
 any work (format, outtype, the output path like ``save_pruned``'s, a model whose pruning failed
 part-way, the family); the file is written under a temporary name beside ``path`` and renamed
-into place, so a failed export leaves no partial file. ``gguf`` (:mod:`osscar_opt.export.gguf`):
-LLaMA-family causal LMs, per-layer widths included; ``onnx`` (:mod:`osscar_opt.export.onnx`):
+into place, so a failed export leaves no partial file. ``gguf`` (:mod:`osscar_opt.deploy.gguf`):
+LLaMA-family causal LMs, per-layer widths included; ``onnx`` (:mod:`osscar_opt.deploy.onnx`):
 BERT-family encoders and torchvision ResNet / MobileNetV2.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from osscar_opt.export.files import check_output_file, write_atomically
+from osscar_opt.deploy.files import check_output_file, write_atomically
 
 FORMATS = ("gguf", "onnx")
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -118,7 +118,7 @@ def export(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLi
                          "and others are not; reload the dense model and prune again")
     if format == "gguf":
         return _export_gguf(model, tokenizer if tokenizer is not None else folder_tokenizer, target, outtype)
-    from osscar_opt.export.onnx import export_onnx, plan_onnx
+    from osscar_opt.deploy.onnx import export_onnx, plan_onnx
 
     plan = plan_onnx(model, sample)
     details = write_atomically(target, lambda temporary: export_onnx(plan, temporary, opset))
@@ -130,8 +130,8 @@ def _export_gguf(model: nn.Module, tokenizer: Any, target: Path, outtype: str) -
 
     require("gguf", "llm", "format: GGUF export")
     _gguf_family(model)
-    from osscar_opt.export.gguf import plan_gguf, write_gguf
-    from osscar_opt.export.gguf_tokenizer import gguf_vocab
+    from osscar_opt.deploy.gguf import plan_gguf, write_gguf
+    from osscar_opt.deploy.gguf_tokenizer import gguf_vocab
 
     plan = plan_gguf(model)
     if tokenizer is None:
