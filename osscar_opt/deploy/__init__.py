@@ -75,9 +75,9 @@ def _load(model_or_folder: nn.Module | str | os.PathLike) -> tuple[nn.Module, An
         model = load_model(str(folder), device="cpu").model
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        import transformers
+        from osscar_opt.models import folder_tokenizer
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = folder_tokenizer(folder)
     return model, tokenizer
 
 
@@ -95,11 +95,11 @@ def _gguf_family(model: nn.Module) -> None:
                          "ONNX export (format='onnx') takes BERT-family encoders and torchvision ResNet / MobileNetV2")
 
 
-def export(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLike, format: str = "gguf", *,
+def export(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLike, format: str | None = None, *,
            outtype: str = "f32", tokenizer: Any = None, sample: Any = None, opset: int | None = None) -> ExportResult:
     """Write ``model_or_folder`` (a model, or a folder of ``save_pruned`` / a Hugging Face folder) to ``path``.
 
-    ``format="gguf"``: a LLaMA-family causal LM for llama.cpp; ``outtype`` f32, f16 or q8_0 (matrices
+    ``format`` (default: from the suffix of ``path``) ``"gguf"``: a LLaMA-family causal LM for llama.cpp; ``outtype`` f32, f16 or q8_0 (matrices
     whose rows are not a multiple of 32 stay f16 in q8_0, and the result says which). The tokenizer
     (``tokenizer=``, or the folder's) is carried into the file; one llama.cpp would split differently
     is refused. ``format="onnx"``: a BERT-family encoder (inputs ``input_ids``, ``attention_mask``,
@@ -107,6 +107,10 @@ def export(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLi
     ``logits``), batch and sequence axes dynamic; ``sample`` (an input batch) is optional.
     Returns an :class:`ExportResult`.
     """
+    if format is None:
+        format = Path(str(path)).suffix.lower().lstrip(".")
+        if format not in FORMATS:
+            raise ValueError(f"format: not given and path {str(path)!r} does not end in .gguf or .onnx")
     format = _check_choice(format, FORMATS, "format")
     outtype = _check_choice(outtype, OUTTYPES, "outtype")
     if format == "onnx" and outtype != "f32":
