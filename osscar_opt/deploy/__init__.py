@@ -99,12 +99,13 @@ def export(model_or_folder: nn.Module | str | os.PathLike, path: str | os.PathLi
            outtype: str = "f32", tokenizer: Any = None, sample: Any = None, opset: int | None = None) -> ExportResult:
     """Write ``model_or_folder`` (a model, or a folder of ``save_pruned`` / a Hugging Face folder) to ``path``.
 
-    ``format`` (default: from the suffix of ``path``) ``"gguf"``: a LLaMA-family causal LM for llama.cpp; ``outtype`` f32, f16 or q8_0 (matrices
-    whose rows are not a multiple of 32 stay f16 in q8_0, and the result says which). The tokenizer
+    ``format`` (default: from the suffix of ``path``) ``"gguf"``: a LLaMA-family causal LM for
+    llama.cpp; ``outtype`` f32, f16 or q8_0 (matrices whose rows are not a multiple of 32 stay f16
+    in q8_0, and the result says which). The tokenizer
     (``tokenizer=``, or the folder's) is carried into the file; one llama.cpp would split differently
     is refused. ``format="onnx"``: a BERT-family encoder (inputs ``input_ids``, ``attention_mask``,
     output ``last_hidden_state``) or a torchvision ResNet / MobileNetV2 (input ``images``, output
-    ``logits``), batch and sequence axes dynamic; ``sample`` (an input batch) is optional.
+    ``logits``), batch, sequence and image axes dynamic; ``sample`` (an input batch) is optional.
     Returns an :class:`ExportResult`.
     """
     if format is None:

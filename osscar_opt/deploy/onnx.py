@@ -3,8 +3,11 @@
 ``torch.onnx.export`` traces the model as it is, so pruned widths (per-layer head counts, neurons,
 channels) are simply the shapes of its weights. Encoders take ``input_ids`` and
 ``attention_mask`` (``(batch, sequence)`` int64) and give ``last_hidden_state``; vision networks
-take ``images`` (``(batch, 3, height, width)`` float32) and give ``logits``. The batch and sequence axes of encoders and the batch, height and width axes of vision
-networks are dynamic. Weights are float32.
+take ``images`` (``(batch, 3, height, width)`` float32) and give ``logits``. The batch and
+sequence axes of encoders and the batch, height and width axes of vision networks are dynamic.
+Weights are float32. The exporter is torch's TorchScript-based one (``dynamo=False``): it traces
+transformers' encoders as they run; the trace is checked by the tests at other batch and
+sequence sizes than the one it was made with.
 
 Causal LMs are not exported to ONNX here: without a KV cache every generated token would re-run
 the whole prefix, which is not how anyone serves them (their engine here is llama.cpp, GGUF).
