@@ -141,6 +141,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-keep", type=float, default=0.0, metavar="FRACTION",
                         help="with a target: fraction of every structure's groups always kept "
                         "(default 0: at least one)")
+    parser.add_argument("--multiple-of", type=int, default=None, metavar="N",
+                        help="kept neurons and channels in multiples of N (uniform sparsities and targets alike; "
+                        "heads and KV groups as asked), for the kernels of serving engines (e.g. 32 for GGUF q8_0)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION,
                         help="with a target: loss-curve normalization, relative (loss / layer output energy) or stage "
                         f"(loss / block output energy); default {DEFAULT_NORMALIZATION}")
@@ -183,6 +186,26 @@ def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
         raise ValueError(f"--latency-cache: applies only with --target-speedup, got --target-{metric}")
     return CostTarget(metric, value, kinds=kinds, min_keep=args.min_keep, normalize=args.normalize,
                       reallocate=args.reallocate, latency_cache=args.latency_cache)
+
+
+def _multiple_of(args: argparse.Namespace) -> int:
+    """``--multiple-of``: a positive integer (1 when not given)."""
+    from osscar_opt.budget import check_multiple_of
+
+    return 1 if args.multiple_of is None else check_multiple_of(args.multiple_of, "--multiple-of")
+
+
+def aligned(budgets: Any, multiple_of: int) -> Any:
+    """``budgets`` with kept neurons and channels in multiples of ``multiple_of`` (a sparsity mapping
+    becomes a ``UniformSparsity``; a ``CostTarget`` gets its ``multiple_of``)."""
+    from osscar_opt.budget import CostTarget, UniformSparsity
+
+    if multiple_of == 1:
+        return budgets
+    if isinstance(budgets, CostTarget):
+        budgets.multiple_of = multiple_of
+        return budgets
+    return UniformSparsity({kind: value for kind, value in budgets.items() if value}, multiple_of=multiple_of)
 
 
 def _check_target_flags(args: argparse.Namespace, target) -> None:
@@ -290,11 +313,13 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
 
     budgets = _transformer_budgets(args)
     _check_common(args)
+    multiple_of = _multiple_of(args)
     _progress(f"loading {args.model or models.DEFAULT_MODEL} ...", args.quiet)
     loaded = models.load_model(args.model, _load_device(args), args.dtype)
     adapter = adapter_for(loaded.model)
     if args.uniform_widths:
         budgets = _uniform_widths(budgets, adapter, args.heads_sparsity is not None or args.target_kinds is not None)
+    budgets = aligned(budgets, multiple_of)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     samples = args.samples or DEFAULT_SAMPLES
     models.check_seq_len(loaded.model, seq_len, "--seq-len")
@@ -393,6 +418,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
                              "or give --target-macs, --target-params or --target-speedup")
         budgets = {"channels": check_sparsity(args.channels_sparsity, "channels_sparsity")}
     _check_common(args)
+    budgets = aligned(budgets, _multiple_of(args))
     device = torch.device(args.device or "cpu")
     recipe = digits.TRAINING_DEFAULTS.get(args.model, digits.DEFAULT_TRAINING)
     image_size = args.image_size or (224 if args.weights else recipe["image_size"])
