@@ -51,8 +51,9 @@ def smollm2_budgets(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
     rows: list[tuple[str, Any, int]] = []
     for multiple in [1, *args.multiples]:
         suffix = "" if multiple == 1 else f", N={multiple}"
-        rows.append((f"uniform 1/3 KV + 25% neurons{suffix}",
-                     UniformSparsity({"kv_groups": 0.34, "neurons": 0.25}, multiple_of=multiple), multiple))
+        if multiple == 1 or not args.quick:
+            rows.append((f"uniform 1/3 KV + 25% neurons{suffix}",
+                         UniformSparsity({"kv_groups": 0.34, "neurons": 0.25}, multiple_of=multiple), multiple))
         for value in args.macs:
             rows.append((f"allocated {value:g} MACs{suffix}", CostTarget("macs", value, multiple_of=multiple),
                          multiple))
@@ -71,6 +72,7 @@ def smollm2_row(label: str, model: torch.nn.Module, tokenizer: Any, windows: tor
                                      outtype=outtype, repeats=args.repeats, threads=args.threads, name=name)
         row[f"llama_cpp_{outtype}"] = {key: result[key] for key in ("perplexity", "prompt_tokens_per_s",
                                                                     "generation_tokens_per_s", "file_bytes")}
+        row[f"_file_{outtype}"] = str(Path(workdir) / f"{name}-{outtype}.gguf")
         row["arch"] = result["arch"]
     row["widths"] = sorted({(b.self_attn.k_proj.out_features // b.self_attn.head_dim, b.mlp.down_proj.in_features)
                             for b in model.model.layers})[:3]
@@ -99,7 +101,24 @@ def run_smollm2(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
         rows.append(smollm2_row(label, model, loaded.tokenizer, windows, prompt, args, workdir,
                                 time.perf_counter() - start))
         del model
+    interleaved(rows, prompt, args)
     return rows
+
+
+def interleaved(rows: list[dict[str, Any]], prompt: list[int], args: argparse.Namespace) -> None:
+    """Every row's f32 and f16 generation speed timed again, interleaved with the dense file's
+    (llama_cpp.generation_rounds): the speed-up over dense as the median and range of per-round ratios."""
+    from osscar_opt.engines import llama_cpp
+
+    for outtype in ("f32", "f16"):
+        results = llama_cpp.generation_rounds([row[f"_file_{outtype}"] for row in rows], prompt, args.generate,
+                                              rounds=args.rounds, threads=args.threads)
+        for row, result in zip(rows, results, strict=True):
+            row[f"llama_cpp_{outtype}"]["interleaved"] = {k: result[k] for k in ("generation_tokens_per_s",
+                                                                                 "against_first", "rounds")}
+    for row in rows:
+        for outtype in ("f32", "f16"):
+            del row[f"_file_{outtype}"]
 
 
 def batch_rows(name: str, dense: torch.nn.Module, pruned: torch.nn.Module, inputs: Any, args: argparse.Namespace,
@@ -158,19 +177,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     llm = [r for r in rows if "torch_perplexity" in r]
     if llm:
-        dense = llm[0]["llama_cpp_f32"]["generation_tokens_per_s"]["median"]
         lines += ["| SmolLM2-135M | GGUF arch | torch ppl | llama.cpp ppl f32 | f16 | prompt tok/s f32 | "
-                  "generation tok/s f32 | x dense | prompt tok/s f16 | generation tok/s f16 | MiB f32 / f16 |",
+                  "generation tok/s f32 | x dense f32 (interleaved) | generation tok/s f16 | x dense f16 "
+                  "(interleaved) | MiB f32 / f16 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in llm:
             f32, f16 = r["llama_cpp_f32"], r["llama_cpp_f16"]
-            speedup = f32["generation_tokens_per_s"]["median"] / dense
+            i32, i16 = f32["interleaved"], f16["interleaved"]
             lines.append(
                 f"| {r['row']} | {r['arch']} | {r['torch_perplexity']:.2f} | {f32['perplexity']:.2f} | "
                 f"{f16['perplexity']:.2f} | {fmt(f32['prompt_tokens_per_s'])} | "
-                f"{fmt(f32['generation_tokens_per_s'])} | {speedup:.2f} | {fmt(f16['prompt_tokens_per_s'])} | "
-                f"{fmt(f16['generation_tokens_per_s'])} | {f32['file_bytes'] / 2**20:.0f} / "
-                f"{f16['file_bytes'] / 2**20:.0f} |")
+                f"{fmt(i32['generation_tokens_per_s'])} | {fmt(i32['against_first'], 2)} | "
+                f"{fmt(i16['generation_tokens_per_s'])} | {fmt(i16['against_first'], 2)} | "
+                f"{f32['file_bytes'] / 2**20:.0f} / {f16['file_bytes'] / 2**20:.0f} |")
     batch = [r for r in rows if "onnxruntime" in r]
     if batch:
         lines += ["", "| model | row | batch | torch ms | ONNX Runtime ms | max abs diff ORT - torch |",
@@ -220,15 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--generate", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the generation comparison")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads (default 1: on a shared machine spinning threads wait on each other)")
     parser.add_argument("--out", default=str(RESULTS / "deploy"))
     args = parser.parse_args(argv)
     args.macs = args.macs or ([0.7] if args.quick else [0.7, 0.5])
     args.multiples = args.multiples or [64]
     args.samples = args.samples or (16 if args.quick else 64)
     args.windows = args.windows or (8 if args.quick else 16)
-    args.threads = args.threads or os.cpu_count()
+    args.threads = args.threads or 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]

@@ -106,3 +106,14 @@ def test_torch_speed_restores_the_thread_setting():
     before = torch.get_num_threads()
     result = llm_speed(tiny_llm("llama"), list(range(5, 21)), 3, repeats=1, threads=1)
     assert result["threads"] == 1 and torch.get_num_threads() == before
+
+
+def test_generation_rounds_time_files_interleaved_against_the_first(folders, tmp_path):
+    from osscar_opt.engines import llama_cpp
+
+    paths = [osscar_opt.export(folders / name, tmp_path / f"{name}.gguf").path for name in ("dense", "pruned")]
+    results = llama_cpp.generation_rounds(paths, list(range(5, 21)), 4, rounds=3, threads=1)
+    assert [r["path"] for r in results] == [str(p) for p in paths]
+    assert results[0]["against_first"] == {"median": 1.0, "min": 1.0, "max": 1.0, "runs": 3}
+    assert_spread(results[1]["generation_tokens_per_s"], 3)
+    assert results[1]["against_first"]["runs"] == 3 and results[1]["against_first"]["median"] > 0

@@ -135,3 +135,37 @@ def speed(path: str | os.PathLike, prompt: Sequence[int], generate: int, *, repe
     return {"engine": "llama.cpp", "threads": threads, "prompt_tokens": len(prompt), "generated_tokens": generate,
             "repeats": repeats, "prompt_tokens_per_s": spread(prompt_rates),
             "generation_tokens_per_s": spread(generation_rates)}
+
+
+def generation_rounds(paths: Sequence[str | os.PathLike], prompt: Sequence[int], generate: int, *, rounds: int = 7,
+                      threads: int | None = None) -> list[dict[str, Any]]:
+    """Generation tokens / second of several GGUF files timed interleaved: in every round each file
+    evaluates ``prompt`` and generates ``generate`` greedy tokens, the file that starts a round
+    rotating, so a slow moment of a shared machine falls on every file alike. Per file: the
+    median and range over rounds, and against the first file the median and range of the
+    per-round ratios (this file's rate / the first's)."""
+    if generate < 2:
+        raise ValueError(f"generate: expected at least 2 tokens, got {generate}")
+    threads = threads or os.cpu_count() or 1
+    models = [open_model(path, n_ctx=len(prompt) + generate + 1, threads=threads, f32_cache=False) for path in paths]
+    prompt = list(map(int, prompt))
+    rates = [[0.0] * len(models) for _ in range(rounds + 1)]
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for offset in range(len(models)):
+            index = (round_index + offset) % len(models)
+            llm = models[index]
+            llm.reset()
+            llm.eval(prompt)
+            first = end = None
+            for count, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
+                end = time.perf_counter()
+                first = first or end
+                if count == generate:
+                    break
+            rates[round_index][index] = (generate - 1) / (end - first)
+    for llm in models:
+        llm.close()
+    timed = rates[1:]
+    return [{"path": str(path), "threads": threads, "rounds": rounds,
+             "generation_tokens_per_s": spread([row[i] for row in timed]),
+             "against_first": spread([row[i] / row[0] for row in timed])} for i, path in enumerate(paths)]
