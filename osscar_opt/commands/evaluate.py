@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from osscar_opt.commands import engine_eval
+from osscar_opt.commands.engine_eval import add_engine_arguments
 from osscar_opt.commands.options import add_runtime_arguments, positive_int
 
 
@@ -26,12 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation window (default 128)")
     add_runtime_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_engine_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from osscar_opt import cross_domain, evaluate, models
 
+    if args.engine is not None:
+        return engine_eval.run(args)
     seq_len = positive_int(args.seq_len, "seq_len")
     specs = args.eval_text or [None]
     loaded = models.load_model(args.model, args.device, args.dtype)
