@@ -206,6 +206,6 @@ def test_core_dependencies_leave_solvers_models_and_plots_to_extras():
     assert core == {"torch", "torchvision", "numpy", "scipy", "transformers", "safetensors", "tqdm"}
     extras = project["optional-dependencies"]
     assert {"exact", "minilm", "llm", "plot", "bench", "dev", "all"} <= set(extras)
-    assert {"exact", "minilm", "llm", "plot", "bench", "ray", "text", "docs", "dev", "all"} <= set(extras)
-    assert "osscar-opt[exact,minilm,llm,plot,bench,ray,text,docs]" in extras["dev"] and extras["all"] == [
-        "osscar-opt[exact,minilm,llm,plot,bench,ray,text]"]
+    assert {"exact", "minilm", "llm", "plot", "bench", "ray", "text", "docs", "deploy", "dev", "all"} <= set(extras)
+    assert "osscar-opt[exact,minilm,llm,plot,bench,ray,text,docs,deploy]" in extras["dev"] and extras["all"] == [
+        "osscar-opt[exact,minilm,llm,plot,bench,ray,text,deploy]"]
