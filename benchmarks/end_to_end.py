@@ -1,10 +1,15 @@
 """End-to-end benchmark (issue 5): prune real models with every backend, one table.
 
 * all-MiniLM-L6-v2 (the default model) at 25% and 50% of heads and neurons per block: mean
-  embedding cosine to dense and retrieval top-1 on held-out stdlib-docstring passages.
+  embedding cosine to dense and retrieval top-1.
 * SmolLM2-135M (LLaMA, GQA 9/3) at 10%, 25%, 50% of neurons and 1 of 3 KV groups per block:
-  perplexity on held-out Shakespeare plays. Its weights were 4-bit quantized (GGUF Q4_1)
-  upstream and dequantized on load.
+  perplexity. Its weights were 4-bit quantized (GGUF Q4_1) upstream and dequantized on load.
+
+Calibration: ``--calib-text`` (default: the CLI's, Wikipedia summaries). Quality is measured on
+every text of ``--eval-texts`` (default: wiki's held-out articles, Shakespeare, Python docstrings,
+Debian licence texts); the headline column is the mean over the texts the calibration never saw,
+beside the calibration text's own held-out part. Every backend runs with the CLI's defaults
+(``--targets`` / ``--damps`` widen the grid).
 
 Every row also gives parameters, MACs (torch FLOP counter / 2), median forward latency on a fixed
 batch and the pruning wall time. Writes ``benchmarks/results/end_to_end.json`` (updated after every
@@ -25,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from osscar_opt import evaluate
+from osscar_opt import cross_domain, evaluate
 from osscar_opt.data import text
 from osscar_opt.models import SMOLLM2_NOTE, load_model
 from osscar_opt.pipeline import prune
+from osscar_opt.pipeline.settings import DEFAULT_DAMP
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("local-search", "greedy", "activation", "fluctuation", "magnitude")
@@ -53,8 +59,8 @@ def run_peer(peer: str, model, calibration, heads: float, neurons: float) -> dic
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
-    parser.add_argument("--damps", nargs="+", type=damp_arg, default=[1e-2, "auto"],
+    parser.add_argument("--targets", nargs="+", default=["pruned-input"], choices=TARGETS)
+    parser.add_argument("--damps", nargs="+", type=damp_arg, default=[DEFAULT_DAMP],
                         help="ridge settings to run every backend with (numbers or 'auto')")
     parser.add_argument("--objectives", nargs="+", default=["energy"], choices=["energy", "token"])
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
@@ -65,9 +71,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minilm-samples", type=int, default=128)
     parser.add_argument("--smollm2-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--calib-text", default=None, help="calibration text (default: the CLI's, wiki)")
+    parser.add_argument("--eval-texts", nargs="+", default=["wiki", "shakespeare", "stdlib", "licences"],
+                        help="texts quality is measured on (the first also gives size and latency)")
     parser.add_argument("--perplexity-windows", type=int, default=16)
     parser.add_argument("--smollm2-local-search", default="{}",
                         help="JSON options of local-search on SmolLM2 (default: the backend's defaults)")
+    parser.add_argument("--minilm-local-search", default="{}",
+                        help="JSON options of local-search on MiniLM (default: the backend's defaults)")
     parser.add_argument("--quick", action="store_true", help="tiny sample counts, two backends")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table-from", type=Path, nargs="+", default=None,
@@ -87,11 +98,29 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
     spec = None if name == "minilm" else "smollm2"
     loaded = load_model(spec, device="cpu")
     samples = args.minilm_samples if name == "minilm" else args.smollm2_samples
-    calibration = text.calibration_ids(loaded.tokenizer, text.load_texts(None, "calib", loaded.causal), samples,
-                                       args.seq_len)
-    eval_data = evaluate.make_eval_data(loaded.tokenizer, text.load_texts(None, "eval", loaded.causal),
-                                        loaded.causal, seq_len=args.seq_len, max_windows=args.perplexity_windows)
-    dense = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data)
+    calibration = text.calibration_ids(loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal),
+                                       samples, args.seq_len)
+    calibrated_on = text.source_name(args.calib_text)
+    domains = cross_domain.domain_data(loaded.tokenizer, args.eval_texts, loaded.causal, seq_len=args.seq_len)
+    for item in domains.values():
+        item.max_windows = args.perplexity_windows
+    first = next(iter(domains))
+
+    def measure(model, reference=None) -> dict[str, Any]:
+        """The first text's full evaluation, with ``domains`` (every text's quality) and ``unseen_mean``."""
+        result = evaluate.evaluate_model(model, loaded.tokenizer, domains[first],
+                                         reference=None if reference is None else reference)
+        rest = {k: v for k, v in domains.items() if k != first}
+        per_text = {first: result, **cross_domain.quality(model, loaded.tokenizer, rest,
+                                                          None if reference is None else reference["_domains"])}
+        result["_domains"] = per_text
+        metric = cross_domain.headline_metric(per_text)
+        result["domains"] = {k: v[metric] for k, v in per_text.items()}
+        result["unseen_mean"] = cross_domain.unseen_mean(per_text, calibrated_on)
+        result["calibrated_on"] = calibrated_on
+        return result
+
+    dense = measure(loaded.model)
     rows.append(row(loaded.name, "dense", "-", dense, 0.0))
     save()
     chosen = settings(name) if args.settings is None else [settings(name)[i] for i in args.settings]
@@ -99,12 +128,12 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
         budgets = {"heads": heads, "kv_groups": heads, "neurons": neurons}
         for backend in args.backends:
             for target, damp, objective in itertools.product(args.targets, args.damps, args.objectives):
-                local = backend == "local-search" and loaded.causal
-                options = json.loads(args.smollm2_local_search) if local else {}
+                own = args.smollm2_local_search if loaded.causal else args.minilm_local_search
+                options = json.loads(own) if backend == "local-search" else {}
                 model = copy.deepcopy(loaded.model)
                 report = prune(model, calibration, budgets, backend=backend, backend_options=options,
                                target=target, damp=damp, objective=objective, batch_size=8, progress=False)
-                result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
+                result = measure(model, reference=dense)
                 rows.append(row(loaded.name, label, backend, result, report.seconds, neurons=neurons,
                                 options=options, target=target, damp=damp, layers=report.layers))
                 rows[-1]["objective"] = objective
@@ -116,7 +145,7 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
             started = time.perf_counter()
             info = run_peer(peer, model, calibration, heads, neurons)
             seconds = time.perf_counter() - started
-            result = evaluate.evaluate_model(model, loaded.tokenizer, eval_data, reference=dense)
+            result = measure(model, reference=dense)
             rows.append(row(loaded.name, label, peer, result, seconds, neurons=neurons,
                             options={"importance": info.get("importance")}, target="-", damp="-"))
             save()
@@ -134,11 +163,12 @@ def row(model: str, setting: str, backend: str, result: dict[str, Any], seconds:
             heldout = sum(r.heldout_relative_loss for r in layers) / len(layers)
     return {"model": model, "setting": setting, "backend": backend, "target": target, "damp": damp,
             "neurons_sparsity": neurons, "backend_options": options or {}, "prune_seconds": seconds,
-            "mean_relative_loss": in_sample, "mean_heldout_relative_loss": heldout, **evaluate.public(result)}
+            "mean_relative_loss": in_sample, "mean_heldout_relative_loss": heldout,
+            **{k: v for k, v in evaluate.public(result).items() if not k.startswith("_")}}
 
 
-HEADER = ("model", "setting", "backend", "target", "damp", "cosine", "retrieval@1", "perplexity",
-          "layer loss (in / held-out)", "params (M)", "GMACs", "latency (ms)", "prune time (s)")
+HEADER = ("model", "setting", "backend", "target", "damp", "calibration's text (held out)", "unseen texts (mean)",
+          "retrieval@1", "layer loss (in / held-out)", "params (M)", "GMACs", "latency (ms)", "prune time (s)")
 
 
 def format_row(r: dict[str, Any]) -> str:
@@ -151,10 +181,18 @@ def format_row(r: dict[str, Any]) -> str:
     cells = (r["model"], r["setting"], r["backend"] + ("*" if r.get("backend_options") else ""),
              str(r.get("target", "-")) + ("" if r.get("objective", "energy") == "energy" else f" ({r['objective']})"),
              str(r.get("damp", "-")),
-             fmt("cosine_to_dense", "{:.4f}"), fmt("retrieval_top1", "{:.3f}"), fmt("perplexity", "{:.2f}"), losses,
+             _in_domain(r), fmt("unseen_mean", "{:.4f}" if r.get("cosine_to_dense") is not None else "{:.2f}"),
+             fmt("retrieval_top1", "{:.3f}"), losses,
              f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.2f}", f"{r['latency_ms']:.0f}",
              f"{r['prune_seconds']:.0f}" if r["backend"] != "-" else "-")
     return "| " + " | ".join(cells) + " |"
+
+
+def _in_domain(r: dict[str, Any]) -> str:
+    """The calibration text's held-out quality (cosine or perplexity), '-' when it was not measured."""
+    domains, source = r.get("domains") or {}, str(r.get("calibrated_on", "")).split(" ")[0]
+    value = domains.get(source)
+    return "-" if value is None else (f"{value:.2f}" if r.get("perplexity") is not None else f"{value:.4f}")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -169,8 +207,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, key, model, label in ((axes[0], "cosine_to_dense", "all-minilm-l6-v2", "embedding cosine to dense"),
-                                    (axes[1], "perplexity", "smollm2", "perplexity (lower is better)")):
+    for axis, key, model, label in ((axes[0], "unseen_mean", "all-minilm-l6-v2",
+                                     "embedding cosine to dense, mean of unseen texts"),
+                                    (axes[1], "unseen_mean", "smollm2", "perplexity, mean of unseen texts")):
         pruned = [r for r in rows if r["model"] == model and r["backend"] != "-"]
         def label_of(r: dict[str, Any]) -> str:
             if r.get("target", "-") == "-":
@@ -190,13 +229,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             axis.plot([p[0] for p in points], [p[1] for p in points], style, marker=marker,
                       color=colors[first["backend"]], label=label_)
         dense = [r for r in rows if r["model"] == model and r["backend"] == "-"]
-        if dense and key == "perplexity":
+        if dense and model == "smollm2":
             axis.axhline(dense[0][key], color="gray", linestyle="--", label="dense")
             axis.set_yscale("log")
-        axis.set_xlabel("neuron sparsity per block" + (" (+ 1/3 KV groups)" if key == "perplexity" else
+        axis.set_xlabel("neuron sparsity per block" + (" (+ 1/3 KV groups)" if model == "smollm2" else
                                                         " (= head sparsity)"))
         axis.set_ylabel(label)
-        axis.set_title(model + (" (4-bit GGUF weights)" if key == "perplexity" else ""))
+        axis.set_title(model + (" (4-bit GGUF weights)" if model == "smollm2" else ""))
         axis.legend(fontsize=6, ncol=2)
     figure.suptitle("colour: backend; solid: pruned-input, dashed: dense-output, dotted: token objective; "
                     "square: damp auto", fontsize=8)
@@ -240,7 +279,8 @@ def main() -> None:
         run_model(name, args, rows, save)
     plot(rows, args.out / "end_to_end.png")
     print(f"\n{markdown(rows)}\n")
-    print(f"* local-search on SmolLM2 ran with {args.smollm2_local_search}. {SMOLLM2_NOTE}.")
+    print(f"* local-search ran with {args.smollm2_local_search} on SmolLM2, {args.minilm_local_search} on MiniLM. "
+          f"{SMOLLM2_NOTE}.")
     print(f"total {time.perf_counter() - started:.0f} s; wrote {args.out / 'end_to_end.json'} and end_to_end.png")
 
 

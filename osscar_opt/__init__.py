@@ -31,6 +31,7 @@ _EXPORTS = {
     "save_pruned": "osscar_opt.io",
     "load_pruned": "osscar_opt.io",
     "load_sentence_transformer": "osscar_opt.io.sentence",
+    "export": "osscar_opt.deploy",
 }
 
 __all__ = sorted(_EXPORTS)

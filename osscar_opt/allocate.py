@@ -158,6 +158,12 @@ def interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
     return ys[-1]
 
 
+def _nearest(keeps: Sequence[int], keep: int) -> int:
+    """The keep of the grid ``keeps`` nearest to ``keep`` (the smaller on a tie): ``keep`` itself
+    on an even grid; the nearest allowed width on an aligned one (``multiple_of``)."""
+    return min(keeps, key=lambda k: (abs(k - keep), k))
+
+
 def uniform_keeps(
     choices: list[Choices], capacity: float, points: int, cost_of: Callable[[dict[str, int]], float]
 ) -> dict[str, int]:
@@ -172,7 +178,7 @@ def uniform_keeps(
     for kind, members in by_kind.items():
         maps = []
         for j in range(points + 1):
-            keeps = {c.name: max(c.keeps[0], round(j / points * c.keeps[-1])) for c in members}
+            keeps = {c.name: _nearest(c.keeps, max(c.keeps[0], round(j / points * c.keeps[-1]))) for c in members}
             if keeps not in maps:
                 maps.append(keeps)
         keep_maps[kind] = maps

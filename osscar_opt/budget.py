@@ -21,6 +21,28 @@ budget counts them per KV group), MLP neurons, conv channels."""
 DEFAULT_KINDS: tuple[str, ...] = ("heads", "kv_groups", "neurons", "channels")
 """The kinds a float budget (``oneshot``) or a :class:`CostTarget` without ``kinds`` prunes:
 ``q_heads`` only when named, so that a GQA model's default prune is the same as before the kind existed."""
+ALIGNED_KINDS: tuple[str, ...] = ("neurons", "channels")
+"""Kinds whose kept count ``multiple_of`` rounds. Heads and KV groups are left alone: a head is
+already ``head_dim`` (64, 128...) columns wide, so any head count gives aligned matrix shapes."""
+
+
+def check_multiple_of(value: object, name: str = "multiple_of") -> int:
+    """A positive integer (the width kept neurons and channels are rounded to a multiple of)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def aligned_keep(keep: int, num_groups: int, multiple: int, name: str = "") -> int:
+    """``keep`` rounded to the nearest multiple of ``multiple`` (halves up), at least ``multiple``;
+    the dense width ``num_groups`` stays itself. A structure narrower than ``multiple`` is a
+    ValueError naming it (no kept count of it could be a multiple)."""
+    if multiple == 1 or keep >= num_groups:
+        return keep
+    if num_groups < multiple:
+        raise ValueError(f"multiple_of: {multiple} is wider than {name or 'a structure'} ({num_groups} groups); "
+                         f"choose a multiple of at most {num_groups}")
+    return min(num_groups, max(multiple, multiple * math.floor(keep / multiple + 0.5)))
 
 
 def check_sparsity(value: float, name: str) -> float:
@@ -56,29 +78,36 @@ class Budget(Protocol):
 class UniformSparsity:
     """The same sparsity for every structure of a kind: ``{"heads": 0.25, "neurons": 0.5}``.
 
-    Kinds missing from the mapping, or at sparsity 0, are left alone.
+    Kinds missing from the mapping, or at sparsity 0, are left alone. ``multiple_of``: kept neurons
+    and channels rounded to the nearest multiple of it (:func:`aligned_keep`; heads and KV groups
+    as asked), so that matrix widths suit the kernels of serving engines.
     """
 
-    def __init__(self, sparsity: Mapping[str, float]) -> None:
+    def __init__(self, sparsity: Mapping[str, float], multiple_of: int = 1) -> None:
         if not isinstance(sparsity, Mapping):
             raise ValueError(f"budgets: expected a mapping of structure kind to sparsity, got {sparsity!r}")
         unknown = sorted(str(kind) for kind in sparsity if kind not in KINDS)
         if unknown:
             raise ValueError(f"budgets: unknown structure kinds {unknown}; expected some of {list(KINDS)}")
         self.sparsity = {kind: check_sparsity(value, f"budgets[{kind!r}]") for kind, value in sparsity.items()}
+        self.multiple_of = check_multiple_of(multiple_of)
 
     def keep(self, name: str, kind: str, num_groups: int) -> int | None:
         sparsity = self.sparsity.get(kind, 0.0)
-        return None if sparsity == 0.0 else keep_count(num_groups, sparsity)
+        if sparsity == 0.0:
+            return None
+        keep = keep_count(num_groups, sparsity)
+        return aligned_keep(keep, num_groups, self.multiple_of, name) if kind in ALIGNED_KINDS else keep
 
     def kinds(self) -> set[str]:
         return {kind for kind, value in self.sparsity.items() if value > 0}
 
     def to_dict(self) -> dict[str, float]:
-        return dict(self.sparsity)
+        return {**self.sparsity, **({"multiple_of": self.multiple_of} if self.multiple_of > 1 else {})}
 
     def __repr__(self) -> str:
-        return f"UniformSparsity({self.sparsity})"
+        aligned = f", multiple_of={self.multiple_of}" if self.multiple_of > 1 else ""
+        return f"UniformSparsity({self.sparsity}{aligned})"
 
 
 def as_budget(budgets: Budget | Mapping[str, float]) -> Budget:
@@ -134,6 +163,9 @@ class CostTarget:
         allocation: ``"curves"`` (default): per-layer keeps from the loss curves; ``"uniform"``:
             every layer of a kind keeps the same fraction (a multiple of ``1 / grid``), the fractions
             of the kinds chosen from their summed curves: the uniform baseline at the same target.
+        multiple_of: kept neurons and channels are multiples of this (the curves' keep grid holds
+            only multiples, and the dense width); heads and KV groups are left alone. A target these
+            widths cannot meet is refused before any layer is cut, with the smallest cost they reach.
     """
 
     def __init__(
@@ -150,6 +182,7 @@ class CostTarget:
         latency_cache: bool | str = "use",
         allocation: str = "curves",
         latency_timer: Callable[..., float] | None = None,
+        multiple_of: int = 1,
     ) -> None:
         if metric not in TARGET_METRICS:
             raise ValueError(f"metric: expected one of {list(TARGET_METRICS)}, got {metric!r}")
@@ -194,6 +227,7 @@ class CostTarget:
             raise ValueError(f"latency_timer: expected a function (module, call) -> milliseconds, got "
                              f"{latency_timer!r}")
         self.latency_timer = latency_timer
+        self.multiple_of = check_multiple_of(multiple_of)
         self.allocation: dict[str, int] | None = None
 
     @property
@@ -218,7 +252,7 @@ class CostTarget:
         return {
             "target": self.metric, "value": self.value, "kinds": sorted(self.pruned_kinds),
             "min_keep": self.min_keep, "grid": self.grid, "normalize": self.normalize,
-            "reallocate": self.reallocate, "allocation": self.mode,
+            "reallocate": self.reallocate, "allocation": self.mode, "multiple_of": self.multiple_of,
         }
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "osscar_opt.commands.evaluate",
     "osscar_opt.commands.solve",
     "osscar_opt.commands.certify",
+    "osscar_opt.commands.export",
 )
 
 EXIT_OK = 0

@@ -346,7 +346,7 @@ class StageCoster:
             times += self._time(calls, min(len(times), MAX_LATENCY_ROUNDS - len(times)))
             table = LatencyTable.from_times(points, times)
         if not table.precise:
-            raise LatencyTooNoisy(self._noisy_message(position, table))
+            raise LatencyTooNoisy(self._noisy_message(position, table, len(times)))
         if self.cache != "off":
             _write_cache(path, key, {"version": CACHE_VERSION, **asdict(table)})
         self.tables[key] = table
@@ -360,11 +360,12 @@ class StageCoster:
         tolerance = max(check.uncertainty[0] + table.uncertainty[0], NOISE_SHARE * abs(table.savings[0]))
         return abs(check.savings[0] - table.savings[0]) <= tolerance
 
-    def _noisy_message(self, position: int, table: LatencyTable) -> str:
+    def _noisy_message(self, position: int, table: LatencyTable, timed: int) -> str:
         structure = self.stage.structures(self.stage.module)[position]
         largest = -min(table.savings)
+        spiked = f" ({timed - table.rounds} hit by spikes and left out)" if timed > table.rounds else ""
         return (
-            f"latency of {structure.name}: after {table.rounds} interleaved rounds its savings are still uncertain "
+            f"latency of {structure.name}: after {timed} interleaved rounds{spiked} its savings are still uncertain "
             f"by +-{statistics.median(table.uncertainty):.3f} ms (robust standard deviation "
             f"{statistics.median(table.spread):.3f} ms), "
             f"while cutting it from {table.points[-1]} to {table.points[0]} groups saves {largest:.3f} ms of "

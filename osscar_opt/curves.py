@@ -26,6 +26,7 @@ Knows no torch module: only the :class:`~osscar_opt.problem.LayerProblem`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -83,13 +84,19 @@ class Curve:
         return document
 
 
-def keep_grid(num_groups: int, points: int = DEFAULT_GRID, minimum: int = 1) -> list[int]:
+def keep_grid(num_groups: int, points: int = DEFAULT_GRID, minimum: int = 1, multiple: int = 1) -> list[int]:
     """Keep counts the allocation may choose: every count for up to ``points`` groups, else
     ``points`` evenly spaced counts, always with ``num_groups``; none below ``minimum``.
-    Ascending."""
+    ``multiple`` > 1: only multiples of it (at most ``points + 1``, evenly spaced), and
+    ``num_groups``. Ascending."""
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise ValueError(f"grid: expected a positive integer, got {points!r}")
     minimum = max(1, min(int(minimum), num_groups))
+    if multiple > 1:
+        aligned = list(range(multiple * max(1, math.ceil(minimum / multiple)), num_groups, multiple))
+        if len(aligned) > points:
+            aligned = [aligned[round(j * (len(aligned) - 1) / points)] for j in range(points + 1)]
+        return sorted(set(aligned) | {num_groups})
     if num_groups <= points:
         return list(range(minimum, num_groups + 1))
     counts = {max(minimum, round(num_groups * j / points)) for j in range(points + 1)}

@@ -120,6 +120,21 @@ def _check_supported(folder: Path, model_type: str, causal: bool) -> None:
         adapter_for(twin)
 
 
+def folder_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a saved pruned model's folder, read without running the folder's code and
+    without transformers' question about it (a per-layer folder's config names a module for
+    ``trust_remote_code``; the tokenizer needs none)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "You are using a model of type llama-pruned..."
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False,
+                                                          local_files_only=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def _load_folder(folder: Path) -> tuple[nn.Module, Any, bool]:
     import transformers
 
@@ -127,7 +142,7 @@ def _load_folder(folder: Path) -> tuple[nn.Module, Any, bool]:
         from osscar_opt.io import load_pruned
 
         model = load_pruned(folder)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = folder_tokenizer(folder)
         return model, tokenizer, bool(getattr(model, "can_generate", lambda: False)())
     model_type, architectures = _config_model_type(folder)
     causal = any(a.endswith("ForCausalLM") for a in architectures)

@@ -62,7 +62,7 @@ def _tokenizer_beside(model: nn.Module) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError):
         return None
 

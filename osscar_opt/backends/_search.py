@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from osscar_opt.backends._lowrank import KeptSet
+from osscar_opt.backends._scores import input_energy, top_groups, weighted_group_scores
 from osscar_opt.backends.base import SearchResult
 from osscar_opt.problem import LayerProblem
 from osscar_opt.solution import PathPoint
@@ -32,6 +33,7 @@ LOCAL_SEARCH_OPTIONS = (
     "refresh_every",
     "restarts",
     "restart_patience",
+    "score_candidates",
 )
 
 
@@ -224,6 +226,19 @@ def _perturb(state: KeptSet, dead: torch.Tensor, count: int, generator: torch.Ge
         state.refresh()  # random adds of (nearly) dependent columns: low-rank buffers cannot be trusted
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def score_supports(problem: LayerProblem, keep: int) -> dict[str, tuple[int, ...]]:
+    """The supports of the activation (Wanda-sp) and magnitude scores at ``keep``, as candidates."""
+    energy = input_energy(problem)
+    return {"activation score": tuple(top_groups(weighted_group_scores(problem, energy), keep)),
+            "magnitude score": tuple(top_groups(weighted_group_scores(problem, torch.ones_like(energy)), keep))}
+
+
 def _heldout_choice(problem: LayerProblem, candidates: dict[str, tuple[int, ...]]) -> tuple[tuple[int, ...], dict]:
     """The candidate support whose re-fit weights have the lowest held-out error (first on ties)."""
     errors: dict[tuple[int, ...], float] = {}
@@ -320,6 +335,10 @@ def local_search(problem: LayerProblem, keep: int, **options: Any) -> SearchResu
         support = state.support()
     heldout_info = {}
     if problem.heldout is not None:
+        if _flag("score_candidates", options.get("score_candidates", False)):
+            # the one-line scores' supports compete on held-out error too: in-sample optima fit
+            # what is specific to the calibration text; a score that ignores it may generalize better
+            candidates.update(score_supports(problem, keep))
         support, heldout_info = _heldout_choice(problem, candidates)
     info = {
         "stages": len(path) - 1,

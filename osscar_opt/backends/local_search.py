@@ -23,7 +23,9 @@
    When the problem carries held-out moments (``problem.heldout``, set by the pipeline under
    ``damp="auto"``), the candidate (after removal, after swaps, each restart's optimum, the
    greedy descent's optimum) whose re-fit weights have the lowest held-out error is returned
-   instead, with ``heldout_candidate`` and ``heldout_error`` in ``info``.
+   instead, with ``heldout_candidate`` and ``heldout_error`` in ``info``. With
+   ``score_candidates=True`` the supports of the activation (Wanda-sp) and magnitude scores compete
+   too (off by default until measured off the calibration domain: ``benchmarks/end_to_end.py``).
 
 Runs in torch on the problem's device (or ``device``), float64 by default (``dtype=torch.float32``
 optional).

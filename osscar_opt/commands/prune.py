@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-from osscar_opt.budget import DEFAULT_NORMALIZATION, KINDS, LATENCY_CACHE_MODES, NORMALIZATIONS, check_sparsity
+from osscar_opt.budget import check_sparsity
 from osscar_opt.commands.options import (
     add_backend_arguments,
     add_calibration_arguments,
@@ -17,6 +18,15 @@ from osscar_opt.commands.options import (
     check_output_path,
     parse_backend_options,
     positive_int,
+)
+from osscar_opt.commands.targets import (
+    add_target_arguments,
+    aligned,
+    check_target_flags,
+    check_target_met,
+    cost_target,
+    describe_allocation,
+    multiple_of_flag,
 )
 
 DEFAULT_SAMPLES = 128
@@ -62,8 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep the model on the CPU and move one block (stage) at a time to --device (default: "
                         "cuda if available) for its calibration passes and solves: prunes a model larger than GPU "
                         "memory; the before/after evaluation then runs on the CPU (--no-eval skips it)")
-    parser.add_argument("--calib-text", default=None, help="calibration text file (or dataset name when online)")
-    parser.add_argument("--eval-text", default=None, help="evaluation text file (or dataset name when online)")
+    parser.add_argument("--calib-text", default=None, metavar="TEXT",
+                        help="calibration text: a file, or wiki (default: Wikipedia summaries), shakespeare, stdlib, "
+                        "licences")
+    parser.add_argument("--eval-text", nargs="+", default=None, metavar="TEXT",
+                        help="evaluation texts (files or the names above; default: wiki, its held-out articles); "
+                        "the table uses the first, and every text gets a quality row")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     parser.add_argument("--output", default=None,
                         help="folder to save the pruned model to (with its tokenizer and kept ids); without it the "
@@ -127,77 +141,6 @@ def _check_common(args: argparse.Namespace) -> None:
             check_output_path(Path(args.report).with_suffix(".layers.png"), "--plot (the report's .layers.png)")
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--target-macs`` / ``--target-params`` / ``--target-speedup`` and the allocation options."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--target-macs", type=float, default=None, metavar="FRACTION",
-                       help="keep this fraction of the dense MACs (calibration batch shape); per-layer keeps are "
-                       "allocated from loss curves instead of a uniform sparsity")
-    group.add_argument("--target-params", type=float, default=None, metavar="FRACTION",
-                       help="keep this fraction of the dense parameters (allocated per layer)")
-    group.add_argument("--target-speedup", type=float, default=None, metavar="X",
-                       help="dense latency / pruned latency on this device, >= 1 (latency table measured per block "
-                       "shape and cached; allocated per layer)")
-    parser.add_argument("--target-kinds", default=None, metavar="KINDS",
-                        help="comma-separated structure kinds a target may prune (default: all the model has: "
-                        f"{', '.join(KINDS)})")
-    parser.add_argument("--min-keep", type=float, default=0.0, metavar="FRACTION",
-                        help="with a target: fraction of every structure's groups always kept "
-                        "(default 0: at least one)")
-    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION,
-                        help="with a target: loss-curve normalization, relative (loss / layer output energy) or stage "
-                        f"(loss / block output energy); default {DEFAULT_NORMALIZATION}")
-    parser.add_argument("--reallocate", action="store_true",
-                        help="with a target: re-allocate the remaining budget after each block from curves on the "
-                        "pruned model's inputs")
-    parser.add_argument("--strict-target", action="store_true",
-                        help="with a target: fail (exit code 4, nothing saved) when the pruned model misses the target "
-                        "beyond the measured spread; without it a miss is a warning line")
-    parser.add_argument("--latency-cache", choices=LATENCY_CACHE_MODES, default="use",
-                        help="with --target-speedup: use the cached latency tables after re-timing a point of each "
-                        "(use, default), measure them all again (refresh), or cache nothing (off)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="with a target: compute the loss curves on this many local worker processes")
-    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                        help="with a target: compute the loss curves as Ray tasks ('auto': a local cluster or "
-                        "RAY_ADDRESS's; host:port or ray://host:port; needs pip install 'osscar-opt[ray]')")
-
-
-def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
-    """The :class:`CostTarget` the flags ask for, or None; a target given together with a uniform
-    sparsity flag is refused, naming both."""
-    from osscar_opt.budget import CostTarget
-
-    given = [(name, getattr(args, f"target_{name}")) for name in ("macs", "params", "speedup")]
-    given = [(name, value) for name, value in given if value is not None]
-    if not given:
-        return None
-    metric, value = given[0]
-    for flag in uniform_flags:
-        if getattr(args, flag) is not None:
-            raise ValueError(
-                f"--target-{metric} and --{flag.replace('_', '-')}: a global target chooses every layer's sparsity; "
-                "give one or the other"
-            )
-    kinds = None if args.target_kinds is None else [k.strip() for k in args.target_kinds.split(",") if k.strip()]
-    if kinds is not None and "heads" in kinds and "kv_groups" not in kinds:
-        kinds.append("kv_groups")  # as --heads-sparsity: KV groups for GQA models
-    if args.latency_cache != "use" and metric != "speedup":
-        raise ValueError(f"--latency-cache: applies only with --target-speedup, got --target-{metric}")
-    return CostTarget(metric, value, kinds=kinds, min_keep=args.min_keep, normalize=args.normalize,
-                      reallocate=args.reallocate, latency_cache=args.latency_cache)
-
-
-def _check_target_flags(args: argparse.Namespace, target) -> None:
-    if target is None:
-        for flag, default in (("target_kinds", None), ("min_keep", 0.0), ("normalize", DEFAULT_NORMALIZATION),
-                              ("reallocate", False), ("workers", None), ("ray", None), ("strict_target", False),
-                              ("latency_cache", "use")):
-            if getattr(args, flag) != default:
-                raise ValueError(f"--{flag.replace('_', '-')}: applies only with --target-macs, --target-params "
-                                 "or --target-speedup")
-
-
 def _transformer_budgets(args: argparse.Namespace):
     if args.channels_sparsity is not None or args.weights is not None:
         from osscar_opt.adapters.registry import vision_architectures
@@ -207,7 +150,7 @@ def _transformer_budgets(args: argparse.Namespace):
             f"({', '.join(vision_architectures())}), got {args.model!r}"
         )
     target = cost_target(args, ("heads_sparsity", "q_heads_sparsity", "neurons_sparsity"))
-    _check_target_flags(args, target)
+    check_target_flags(args, target)
     if target is not None:
         return target
     heads = check_sparsity(0.25 if args.heads_sparsity is None else args.heads_sparsity, "heads_sparsity")
@@ -287,15 +230,42 @@ def _progress(message: str, quiet: bool) -> None:
         print(message, flush=True)
 
 
+def _evaluate_domains(loaded: Any, domains: dict[str, Any], reference: dict[str, Any] | None,
+                      quiet: bool) -> dict[str, Any]:
+    """The first text with size and speed (the main table), every other text's quality only."""
+    from osscar_opt import cross_domain, evaluate
+
+    first, *others = domains
+    results = {first: evaluate.evaluate_model(loaded.model, loaded.tokenizer, domains[first],
+                                              reference=None if reference is None else reference[first],
+                                              progress=not quiet)}
+    rest = {key: domains[key] for key in others}
+    return {**results, **cross_domain.quality(loaded.model, loaded.tokenizer, rest, reference, progress=not quiet)}
+
+
+def _warn_overlap(calib_texts: list[str], args: argparse.Namespace, causal: bool) -> None:
+    """A warning, with the share, for an evaluation text that overlaps the calibration text."""
+    from osscar_opt import cross_domain
+    from osscar_opt.data import text
+
+    for spec in args.eval_text or [None]:
+        share = cross_domain.overlap_share(calib_texts, text.load_texts(spec, "eval", causal, "eval_text"))
+        if share > cross_domain.OVERLAP_WARNING:
+            warnings.warn(f"eval_text: {share:.0%} of {text.source_name(spec)}'s {cross_domain.NGRAM}-word "
+                          "sequences are also in the calibration text, so its quality row is partly in-sample",
+                          UserWarning, stacklevel=2)
+
+
 def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     """Load, evaluate, prune, evaluate again, save; returns the report document."""
-    from osscar_opt import evaluate, models
+    from osscar_opt import cross_domain, evaluate, models
     from osscar_opt.adapters.registry import adapter_for
     from osscar_opt.data import text
     from osscar_opt.pipeline import prune
 
     budgets = _transformer_budgets(args)
     _check_common(args)
+    multiple_of = multiple_of_flag(args)
     _progress(f"loading {args.model or models.DEFAULT_MODEL} ...", args.quiet)
     loaded = models.load_model(args.model, _load_device(args), args.dtype)
     adapter = adapter_for(loaded.model)
@@ -304,20 +274,21 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
         budgets = {kind: value for kind, value in budgets.items() if kind in present or kind in ("neurons", "q_heads")}
     if args.uniform_widths:
         budgets = _uniform_widths(budgets, adapter, args.heads_sparsity is not None or args.target_kinds is not None)
+    budgets = aligned(budgets, multiple_of)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     samples = args.samples or DEFAULT_SAMPLES
     models.check_seq_len(loaded.model, seq_len, "--seq-len")
-    calibration = text.calibration_ids(
-        loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text"), samples, seq_len,
-    )
-    _progress(f"calibration: {samples} samples x {seq_len} tokens from {args.calib_text or 'the built-in text'}",
-              args.quiet)
-    eval_data, dense_copy = None, None
+    calib_texts = text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text")
+    calibration = text.calibration_ids(loaded.tokenizer, calib_texts, samples, seq_len)
+    calibrated_on = text.source_name(args.calib_text)
+    _progress(f"calibration: {samples} samples x {seq_len} tokens from {calibrated_on}", args.quiet)
+    domains, before, dense_copy = {}, {}, None
     if not args.no_eval:
+        domains = cross_domain.domain_data(loaded.tokenizer, args.eval_text or [None], loaded.causal,
+                                           seq_len=seq_len)
+        _warn_overlap(calib_texts, args, loaded.causal)
         _progress("evaluating the dense model ...", args.quiet)
-        texts = text.load_texts(args.eval_text, "eval", loaded.causal, "eval_text")
-        eval_data = evaluate.make_eval_data(loaded.tokenizer, texts, loaded.causal, seq_len=seq_len)
-        before = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, progress=not args.quiet)
+        before = _evaluate_domains(loaded, domains, None, args.quiet)
         if not getattr(args, "offload", False):  # timed against the pruned model, interleaved, afterwards
             dense_copy = copy.deepcopy(loaded.model)
     options = _prune_options(args, args.batch_size or DEFAULT_BATCH_SIZE)
@@ -326,25 +297,33 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if options.get("executor") is not None:
             options["executor"].close()
+    report.settings["calibration_text"] = calibrated_on
     document: dict[str, Any] = {"model": loaded.name, "note": loaded.note, **report.to_dict()}
     print(f"\n{loaded.name}: pruned in {report.seconds:.1f} s with {args.backend}; {report.settings_line()}")
     if loaded.note:
         print(f"note: {loaded.note}")
-    if eval_data is not None:
+    if domains:
         _progress("evaluating the pruned model ...", args.quiet)
-        after = evaluate.evaluate_model(loaded.model, loaded.tokenizer, eval_data, reference=before,
-                                        progress=not args.quiet)
+        after = _evaluate_domains(loaded, domains, before, args.quiet)
+        first = next(iter(domains))
         if dense_copy is not None:
-            evaluate.record_comparison(before, after, evaluate.time_against(dense_copy, loaded.model, eval_data))
+            comparison = evaluate.time_against(dense_copy, loaded.model, domains[first])
+            evaluate.record_comparison(before[first], after[first], comparison)
             del dense_copy
-        document["dense"], document["pruned"] = evaluate.public(before), evaluate.public(after)
-        print(evaluate.format_table(before, after))
-        print(evaluate.measurement_note(after))
-        collapse = evaluate.collapse_warning(before, after)
+        document["dense"], document["pruned"] = evaluate.public(before[first]), evaluate.public(after[first])
+        print(evaluate.format_table(before[first], after[first]))
+        print(evaluate.measurement_note(after[first]))
+        if len(domains) > 1:
+            document["domains"] = {k: {"dense": evaluate.public(before[k]), "pruned": evaluate.public(v)}
+                                   for k, v in after.items()}
+            document["unseen_mean"] = cross_domain.unseen_mean(after, calibrated_on)
+            print(f"\nquality per text (calibrated on {calibrated_on}):")
+            print(cross_domain.format_table(before, after, calibrated_on))
+        collapse = evaluate.collapse_warning(before[first], after[first])
         if collapse:
             print(collapse)
             document["quality_collapsed"] = collapse
-    _check_target_met(report, args)
+    check_target_met(report, args)
     stock = bool(report.settings.get("config_describes_pruned_model"))
     if args.output:
         from osscar_opt.io import save_pruned
@@ -358,17 +337,6 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     else:
         print("the pruned model was not saved (give --output DIR to keep it)")
     return document
-
-
-def _check_target_met(report: Any, args: argparse.Namespace) -> None:
-    """A missed cost target: a warning line, or with ``--strict-target`` an error (exit code 4)
-    before anything is saved."""
-    if report.target_met is not False:
-        return
-    missed = report.settings["allocation"].get("missed", "the cost target was missed")
-    if args.strict_target:
-        raise RuntimeError(f"--strict-target: {missed}; nothing was saved")
-    print(f"warning: {missed}")
 
 
 def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
@@ -393,7 +361,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--uniform-widths: applies to transformers models; pruned torchvision models reload with "
                          "osscar_opt.load_pruned")
     budgets = cost_target(args, ("channels_sparsity",))
-    _check_target_flags(args, budgets)
+    check_target_flags(args, budgets)
     if budgets is not None and "channels" not in budgets.kinds():
         raise ValueError(f"--target-kinds: torchvision models have conv channels only, got {args.target_kinds!r}")
     if budgets is None:
@@ -402,6 +370,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
                              "or give --target-macs, --target-params or --target-speedup")
         budgets = {"channels": check_sparsity(args.channels_sparsity, "channels_sparsity")}
     _check_common(args)
+    budgets = aligned(budgets, multiple_of_flag(args))
     device = torch.device(args.device or "cpu")
     recipe = digits.TRAINING_DEFAULTS.get(args.model, digits.DEFAULT_TRAINING)
     image_size = args.image_size or (224 if args.weights else recipe["image_size"])
@@ -425,7 +394,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
         if options.get("executor") is not None:
             options["executor"].close()
     document.update(report.to_dict())
-    _check_target_met(report, args)
+    check_target_met(report, args)
     document["channels_before"] = sum(adapter_for(model).internal_channels().values())
     document["channels_after"] = sum(adapter_for(pruned).internal_channels().values())
     document["parameters_dense"] = sum(p.numel() for p in model.parameters())
@@ -471,36 +440,6 @@ def describe_problem_folder(folder: Path) -> str:
     size = sum(path.stat().st_size for path in files)
     return (f"wrote {len(files)} layer problems ({size / 1e6:.1f} MB) to {folder}: re-solve them with "
             f"osscar solve {folder} --backend NAME, or certify them with osscar certify {folder}")
-
-
-def describe_allocation(allocation: dict[str, Any]) -> str:
-    """Target against predicted and achieved cost, in one paragraph for the summary."""
-    metric, value = allocation["target"], allocation["value"]
-    unit = {"macs": "MACs", "params": "parameters", "latency": "latency"}[allocation["metric"]]
-
-    def share(fraction: float) -> str:
-        return f"{1 / fraction:.2f}x speed-up" if metric == "speedup" else f"{fraction:.3f} of dense {unit}"
-
-    wanted = f"{value:.2f}x speed-up" if metric == "speedup" else f"{value:.3f} of dense {unit}"
-    line = f"target {wanted}: allocated {share(allocation['predicted_fraction'])} (predicted)"
-    if "achieved_speedup_range" in allocation:
-        low, high = allocation["achieved_speedup_range"]
-        line += (f", {allocation['achieved_speedup']:.2f}x measured on the calibration batch (range {low:.2f}-"
-                 f"{high:.2f}x, timed interleaved with the dense model)")
-    elif "achieved_fraction" in allocation:
-        line += f", {share(allocation['achieved_fraction'])} measured on the calibration batch"
-    kinds: dict[str, list[float]] = {}
-    for curve in allocation["curves"]:
-        keep = allocation["keep"].get(curve["name"], curve["num_groups"])
-        kinds.setdefault(curve["kind"], []).append(keep / curve["num_groups"])
-    spread = "; ".join(f"{kind} kept {min(v):.2f}-{max(v):.2f} per layer" for kind, v in sorted(kinds.items()))
-    text = f"{line}\n{spread} (loss curves and allocation {allocation['seconds']:.1f} s)"
-    floor = allocation.get("at_floor") or []
-    if floor:
-        shown = ", ".join(floor[:4]) + (f" and {len(floor) - 4} more" if len(floor) > 4 else "")
-        text += (f"\n{len(floor)} structures sit at their smallest allowed keep (min_keep {allocation['min_keep']:g}, "
-                 f"at least one group): {shown}")
-    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -69,12 +69,14 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def total_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The total line; with several backends or keeps, one total per backend and keep (losses of
-    different backends or budgets are never added)."""
+    """The total line; with several backends, or a problem solved at several keeps, one total per
+    backend and keep (losses of different backends or budgets of one problem are never added; the
+    layers of one run, each at its own keep, are)."""
+    sweep = _solved_at_several_keeps(rows)
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for row in rows:  # a failed row without a keep (an unreadable file) counts in the overall line only
         if not (is_error_row(row) and row.get("keep") is None):
-            groups.setdefault((str(row.get("backend", "")), row.get("keep")), []).append(row)
+            groups.setdefault((str(row.get("backend", "")), row.get("keep") if sweep else None), []).append(row)
     if len(groups) <= 1:
         return [_total(rows, "problems")]
     several_keeps = len({keep for _, keep in groups}) > 1
@@ -84,6 +86,13 @@ def total_lines(rows: list[dict[str, Any]]) -> list[str]:
         where = backend + (f", keep {keep}" if several_keeps and keep is not None else "")
         lines.append(f"  {where}: {_total(members, 'problems')}")
     return lines
+
+
+def _solved_at_several_keeps(rows: list[dict[str, Any]]) -> bool:
+    keeps: dict[tuple[str, Any], set[Any]] = {}
+    for row in rows:
+        keeps.setdefault((str(row.get("backend", "")), row.get("name")), set()).add(row.get("keep"))
+    return any(len(k) > 1 for k in keeps.values())
 
 
 def _total(rows: list[dict[str, Any]], noun: str) -> str:

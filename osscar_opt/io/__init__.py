@@ -69,7 +69,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
 
     ``tokenizer`` (anything with ``save_pretrained``) is written into the same folder; ``report``
     (the :class:`~osscar_opt.pipeline.PruneReport` of the run, or its dict) adds the kept group
-    ids of every pruned layer to ``osscar_pruned.json`` (``"kept"``). A model whose pruning failed
+    ids of every pruned layer to ``osscar_pruned.json`` (``"kept"``), and the name of the calibration text
+    when the report's settings hold one (``"calibration_text"``). A model whose pruning failed
     part-way (``model.osscar_state == "incomplete"``) is refused.
     """
     if getattr(model, "osscar_state", None) == "incomplete":
@@ -81,6 +82,9 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
     meta, state = module.export(model)
     if report is not None:
         meta["kept"] = kept_groups(report)
+        settings = report.get("settings", {}) if isinstance(report, dict) else getattr(report, "settings", {})
+        if isinstance(settings.get("calibration_text"), str):  # named by `osscar eval` as the seen text
+            meta["calibration_text"] = settings["calibration_text"]
 
     def write_files(folder: Path) -> None:
         module.write_files(model, folder)

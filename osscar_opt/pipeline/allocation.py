@@ -20,6 +20,7 @@ from osscar_opt.adapters.base import Stage, StageCall
 from osscar_opt.allocate import Choices, InfeasibleTarget, allocate_with_pairs, interpolate, uniform_keeps
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
 from osscar_opt.balanced import balanced_curve
+from osscar_opt.budget import ALIGNED_KINDS
 from osscar_opt.costs import LatencyTable, StageCoster, model_cost, wall_timer
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
@@ -86,7 +87,8 @@ class Allocator:
                 if structure.kind not in self.target.kinds():
                     continue
                 n = structure.budget_groups
-                keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n))
+                multiple = self.target.multiple_of if structure.kind in ALIGNED_KINDS else 1
+                keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n), multiple)
                 table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
                 problem, _, _ = pruner.build_problem(structure, hidden, self.calls, None)
                 swaps = self.target.curve_swaps
@@ -210,11 +212,14 @@ class Allocator:
         reached = f"{floor:.3f} of its dense {self.metric}" if target.metric != "speedup" else (
             f"a speed-up of {1 / floor:.2f}x")
         kinds = sorted({choices.kind for _, choices, _ in self.choices.values()})
+        aligned = (f", neurons and channels in multiples of {target.multiple_of}" if target.multiple_of > 1 else "")
         return (
             f"target {target.metric}={target.value:g} cannot be met: with every prunable structure of kinds {kinds} "
-            f"at its minimum keep (min_keep={target.min_keep:g}, at least one group each) the model reaches only "
+            f"at its minimum keep (min_keep={target.min_keep:g}, at least one group each{aligned}) the model reaches "
+            "only "
             f"{reached}; the rest (embeddings, output layers, structures of other kinds) is not pruned. "
-            "Relax the target, lower min_keep or prune more kinds."
+            "Relax the target, lower min_keep" + (" or multiple_of" if target.multiple_of > 1 else "")
+            + " or prune more kinds."
         )
 
     def predicted_cost(self) -> float:

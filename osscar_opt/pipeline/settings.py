@@ -120,6 +120,7 @@ class Settings:
             raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
         backends.get(backend)  # an unknown backend fails before any forward pass
         _check_kinds(adapter, budget)
+        _check_aligned_widths(adapter, budget)
         _check_offload_target(placement, budget)
         if (executor is not None or workers is not None) and not isinstance(budget, CostTarget):
             raise ValueError("executor: only a CostTarget computes loss curves to spread over workers; with fixed "
@@ -195,6 +196,16 @@ def _check_kinds(adapter: ModelAdapter, budget: Budget) -> None:
 
 
 ATTENTION_KINDS = {"heads", "kv_groups"}
+
+
+def _check_aligned_widths(adapter: ModelAdapter, budget: Budget) -> None:
+    """A fixed budget with ``multiple_of`` (``UniformSparsity``) asks every structure for its keep
+    before any forward pass, so a structure narrower than the multiple is refused before pruning;
+    a ``CostTarget``'s aligned keep grid is checked by its allocation, also before any cut."""
+    if isinstance(budget, CostTarget) or getattr(budget, "multiple_of", 1) == 1:
+        return
+    for structure in adapter.structures():
+        budget.keep(structure.name, structure.kind, structure.num_groups)
 
 
 def _check_offload_target(placement: Placement, budget: Budget) -> None:
