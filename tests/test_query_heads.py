@@ -176,3 +176,18 @@ def test_the_cli_flag_prunes_query_heads_and_saves_a_stock_folder(tmp_path, caps
     assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (4, 2)
     assert cli.main([*argv[:-1], str(tmp_path / "bad"), "--q-heads-sparsity", "1.5"]) == 2
     assert "q_heads_sparsity: expected a fraction in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_model_with_one_kv_head_prunes_its_query_heads_and_reloads_stock(tmp_path):
+    # Gemma-3-270M's shape: one key-value head, so KV groups have nothing to give; query heads do
+    from tests.tiny_families import tiny_decoder
+
+    model = tiny_decoder("gemma3_text", num_key_value_heads=1)
+    report = run(model, {"q_heads": 0.5, "neurons": 0.25})
+    assert [(r.kind, r.groups, r.keep) for r in report.layers[:2]] == [("q_heads", 4, 2), ("neurons", 48, 36)]
+    assert report.settings["config_describes_pruned_model"] is True
+    osscar_opt.save_pruned(model, tmp_path / "saved", report=report)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (2, 1)
+    ids = token_ids(3, seed=5)
+    torch.testing.assert_close(output_of(stock, ids), output_of(model, ids), rtol=0, atol=1e-5)
