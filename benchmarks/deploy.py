@@ -216,13 +216,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in llm:
-        speed = r["llama_cpp_f32"]["generation_tokens_per_s"]
+        result = r["llama_cpp_f32"]
+        speed = result.get("interleaved", {}).get("generation_tokens_per_s", result["generation_tokens_per_s"])
         ax.errorbar(r["llama_cpp_f32"]["perplexity"], speed["median"],
                     yerr=[[speed["median"] - speed["min"]], [speed["max"] - speed["median"]]], fmt="o", capsize=3)
         ax.annotate(r["row"], (r["llama_cpp_f32"]["perplexity"], speed["median"]), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("llama.cpp perplexity (f32 GGUF, held-out Shakespeare windows)")
-    ax.set_ylabel("llama.cpp generation tokens / s (f32)")
+    ax.set_ylabel("llama.cpp generation tokens / s (f32; interleaved rounds)")
     ax.set_title("SmolLM2-135M in llama.cpp: dense, uniform and allocated widths")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
