@@ -204,5 +204,5 @@ def test_core_dependencies_leave_solvers_models_and_plots_to_extras():
     extras = project["optional-dependencies"]
     assert {"exact", "minilm", "llm", "plot", "bench", "dev", "all"} <= set(extras)
     assert {"exact", "minilm", "llm", "plot", "bench", "ray", "docs", "dev", "all"} <= set(extras)
-    assert "osscar-opt[exact,minilm,llm,plot,bench,ray,docs]" in extras["dev"] and extras["all"] == [
-        "osscar-opt[exact,minilm,llm,plot,bench,ray]"]
+    assert "osscar-opt[exact,minilm,llm,plot,bench,ray,docs,deploy]" in extras["dev"] and extras["all"] == [
+        "osscar-opt[exact,minilm,llm,plot,bench,ray,deploy]"]
