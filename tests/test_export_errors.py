@@ -38,7 +38,9 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
                           (tmp_path / "notes.gguf", "is not a GGUF file; not replacing it"),
                           ("", "expected a file path")):
         with pytest.raises(ValueError, match=message):
-            export_tiny(path)
+            export_tiny(path, format="gguf")
+    with pytest.raises(ValueError, match="format: not given and path .*out.bin' does not end in .gguf or .onnx"):
+        export_tiny(tmp_path / "out.bin")
     assert (tmp_path / "notes.gguf").read_text() == "my notes"
 
 
