@@ -101,7 +101,8 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], s
     calibration = text.calibration_ids(loaded.tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal),
                                        samples, args.seq_len)
     calibrated_on = text.source_name(args.calib_text)
-    domains = cross_domain.domain_data(loaded.tokenizer, args.eval_texts, loaded.causal, seq_len=args.seq_len)
+    domains = cross_domain.domain_data(loaded.tokenizer, cross_domain.domain_texts(args.eval_texts, loaded.causal),
+                                       loaded.causal, seq_len=args.seq_len)
     for item in domains.values():
         item.max_windows = args.perplexity_windows
     first = next(iter(domains))

@@ -26,22 +26,27 @@ OVERLAP_WARNING = 0.01
 """An evaluation text with more than this share of its n-grams in the calibration text gets a warning."""
 
 
-def domain_data(tokenizer, specs: Sequence[str | None], causal: bool, *, seq_len: int = 128,
-                name: str = "eval_text") -> dict[str, evaluate.EvalData]:
-    """One :class:`~osscar_opt.evaluate.EvalData` per text source (evaluation part), keyed by its name.
-
-    Every source is read and checked before any model is run; an empty or non-text file is refused
-    naming it, and two sources with the same name are refused."""
+def domain_texts(specs: Sequence[str | None], causal: bool, name: str = "eval_text") -> dict[str, list[str]]:
+    """The evaluation part of every text source, keyed by its name; every source is read and checked
+    before any model is run (an empty or non-text file is refused naming it; a name given twice too)."""
     if not specs:
         raise ValueError(f"{name}: expected at least one text (a file or one of {', '.join(text.DOMAINS)})")
-    data: dict[str, evaluate.EvalData] = {}
+    texts: dict[str, list[str]] = {}
     for spec in specs:
         key = text.source_name(spec)
-        if key in data:
+        if key in texts:
             raise ValueError(f"{name}: {key!r} is given twice")
-        texts = text.load_texts(spec, "eval", causal, name)
+        texts[key] = text.load_texts(spec, "eval", causal, name)
+    return texts
+
+
+def domain_data(tokenizer, texts: dict[str, list[str]], causal: bool, *, seq_len: int = 128,
+                name: str = "eval_text") -> dict[str, evaluate.EvalData]:
+    """One :class:`~osscar_opt.evaluate.EvalData` per text of :func:`domain_texts`, keyed alike."""
+    data: dict[str, evaluate.EvalData] = {}
+    for key, passages in texts.items():
         try:
-            data[key] = evaluate.make_eval_data(tokenizer, texts, causal, seq_len=seq_len)
+            data[key] = evaluate.make_eval_data(tokenizer, passages, causal, seq_len=seq_len)
         except ValueError as error:
             raise ValueError(f"{name}: {key}: {error}") from error
     return data
@@ -104,9 +109,17 @@ def _ngrams(texts: Sequence[str]) -> set[int]:
     return grams
 
 
+def overlap_shares(calibration: Sequence[str], evaluations: dict[str, list[str]]) -> dict[str, float]:
+    """Per evaluation text, the share of its word 8-grams that also occur in the calibration text,
+    in [0, 1] (the calibration's n-grams are collected once)."""
+    calibration_grams = _ngrams(calibration)
+    shares = {}
+    for key, passages in evaluations.items():
+        seen = _ngrams(passages)
+        shares[key] = len(seen & calibration_grams) / len(seen) if seen else 0.0
+    return shares
+
+
 def overlap_share(calibration: Sequence[str], evaluation: Sequence[str]) -> float:
     """Share of the evaluation text's word 8-grams that also occur in the calibration text, in [0, 1]."""
-    seen = _ngrams(evaluation)
-    if not seen:
-        return 0.0
-    return len(seen & _ngrams(calibration)) / len(seen)
+    return overlap_shares(calibration, {"evaluation": list(evaluation)})["evaluation"]

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     seq_len = positive_int(args.seq_len, "seq_len")
     specs = args.eval_text or [None]
     loaded = models.load_model(args.model, args.device, args.dtype)
-    domains = cross_domain.domain_data(loaded.tokenizer, specs, loaded.causal, seq_len=seq_len)
+    domains = cross_domain.domain_data(loaded.tokenizer, cross_domain.domain_texts(specs, loaded.causal),
+                                       loaded.causal, seq_len=seq_len)
     first = next(iter(domains))
     reference, reference_domains = None, None
     if args.reference is not None:

@@ -243,15 +243,13 @@ def _evaluate_domains(loaded: Any, domains: dict[str, Any], reference: dict[str,
     return {**results, **cross_domain.quality(loaded.model, loaded.tokenizer, rest, reference, progress=not quiet)}
 
 
-def _warn_overlap(calib_texts: list[str], args: argparse.Namespace, causal: bool) -> None:
+def _warn_overlap(calib_texts: list[str], eval_texts: dict[str, list[str]]) -> None:
     """A warning, with the share, for an evaluation text that overlaps the calibration text."""
     from osscar_opt import cross_domain
-    from osscar_opt.data import text
 
-    for spec in args.eval_text or [None]:
-        share = cross_domain.overlap_share(calib_texts, text.load_texts(spec, "eval", causal, "eval_text"))
+    for key, share in cross_domain.overlap_shares(calib_texts, eval_texts).items():
         if share > cross_domain.OVERLAP_WARNING:
-            warnings.warn(f"eval_text: {share:.0%} of {text.source_name(spec)}'s {cross_domain.NGRAM}-word "
+            warnings.warn(f"eval_text: {share:.0%} of {key}'s {cross_domain.NGRAM}-word "
                           "sequences are also in the calibration text, so its quality row is partly in-sample",
                           UserWarning, stacklevel=2)
 
@@ -284,9 +282,9 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"calibration: {samples} samples x {seq_len} tokens from {calibrated_on}", args.quiet)
     domains, before, dense_copy = {}, {}, None
     if not args.no_eval:
-        domains = cross_domain.domain_data(loaded.tokenizer, args.eval_text or [None], loaded.causal,
-                                           seq_len=seq_len)
-        _warn_overlap(calib_texts, args, loaded.causal)
+        eval_texts = cross_domain.domain_texts(args.eval_text or [None], loaded.causal)
+        _warn_overlap(calib_texts, eval_texts)
+        domains = cross_domain.domain_data(loaded.tokenizer, eval_texts, loaded.causal, seq_len=seq_len)
         _progress("evaluating the dense model ...", args.quiet)
         before = _evaluate_domains(loaded, domains, None, args.quiet)
         if not getattr(args, "offload", False):  # timed against the pruned model, interleaved, afterwards
