@@ -127,6 +127,10 @@ ALLOCATIONS: tuple[str, ...] = ("curves", "uniform")
 NORMALIZATIONS: tuple[str, ...] = ("relative", "stage")
 """Loss-curve normalizations (:mod:`osscar_opt.curves`)."""
 DEFAULT_NORMALIZATION = "stage"
+DEFAULT_MIN_KEEP = 0.125
+"""A cost target keeps at least this fraction of every structure's groups unless told otherwise: measured on
+SmolLM2 (docs/targets.md, "The floor"), a target without a floor empties whole MLPs and attention layers
+where the summed layer losses say it is cheap, and the model collapses."""
 """Global targets: a fraction of the dense MACs or parameters to keep, or a latency speed-up."""
 
 
@@ -147,8 +151,9 @@ class CostTarget:
             ``speedup`` the dense latency over the pruned latency, ``>= 1``.
         kinds: structure kinds that may be pruned (default: every kind of :data:`DEFAULT_KINDS` the
             model has; ``q_heads`` only when named).
-        min_keep: the fraction of each structure's groups always kept, in ``[0, 1]``; at least one
-            group is always kept (a whole attention layer or MLP is never removed).
+        min_keep: the fraction of each structure's groups always kept, in ``[0, 1]`` (default
+            :data:`DEFAULT_MIN_KEEP`, 1/8); at least one group is always kept (a whole attention
+            layer or MLP is never removed). ``0`` lets the allocation go down to one group.
         grid: keep counts per curve (every count for structures with at most ``grid`` groups).
         normalize: how curves are made comparable across layers (``osscar_opt.curves.NORMALIZATIONS``).
         reallocate: after each stage is pruned, recompute the next stage's curves on the pruned
@@ -174,7 +179,7 @@ class CostTarget:
         value: float,
         *,
         kinds: Iterable[str] | None = None,
-        min_keep: float = 0.0,
+        min_keep: float = DEFAULT_MIN_KEEP,
         grid: int = 32,
         normalize: str = DEFAULT_NORMALIZATION,
         reallocate: bool = False,

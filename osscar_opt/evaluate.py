@@ -308,17 +308,21 @@ COLLAPSE_COSINE = 0.5
 """An encoder whose embeddings' mean cosine to the dense ones is below this has collapsed."""
 
 
-def collapse_warning(before: dict[str, Any], after: dict[str, Any]) -> str | None:
-    """A warning line when the pruned model's quality collapsed against the dense one's, else None."""
+COLLAPSE_ADVICE = "prune less, or with a cost target"
+
+
+def collapse_warning(before: dict[str, Any], after: dict[str, Any], advice: str = COLLAPSE_ADVICE) -> str | None:
+    """A warning line when the pruned model's quality collapsed against the dense one's, else None;
+    ``advice`` ends it (what the user can change)."""
     if "perplexity" in before and "perplexity" in after and before["perplexity"] > 0:
         ratio = after["perplexity"] / before["perplexity"]
         if ratio > COLLAPSE_PERPLEXITY:
             return (f"warning: quality collapsed: perplexity {after['perplexity']:.2f} against "
                     f"{before['perplexity']:.2f} dense ({ratio:.1f}x, more than {COLLAPSE_PERPLEXITY:g}x); "
-                    "prune less, or with a cost target")
+                    f"{advice}")
     if "cosine_to_dense" in after and after["cosine_to_dense"] < COLLAPSE_COSINE:
         return (f"warning: quality collapsed: the pruned embeddings' mean cosine to the dense ones is "
-                f"{after['cosine_to_dense']:.3f} (below {COLLAPSE_COSINE:g}); prune less, or with a cost target")
+                f"{after['cosine_to_dense']:.3f} (below {COLLAPSE_COSINE:g}); {advice}")
     return None
 
 METRICS = (

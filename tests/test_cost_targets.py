@@ -300,11 +300,25 @@ def test_kinds_and_min_keep_limit_the_allocation():
 
 
 # ------------------------------------------------------------------ infeasible and bad targets
+def test_a_target_keeps_an_eighth_of_every_structure_by_default():
+    from osscar_opt.budget import DEFAULT_MIN_KEEP
+
+    assert CostTarget("macs", 0.5).min_keep == DEFAULT_MIN_KEEP == 0.125
+    run = run_target("gpt2", "macs", 0.45)  # deep enough that the allocation presses against the floor
+    groups = {s.name: s.num_groups for s in adapter_for(run.dense).structures()}
+    floors = {name: math.ceil(DEFAULT_MIN_KEEP * groups[name]) for name in run.allocation["keep"]}
+    assert all(keep >= floors[name] for name, keep in run.allocation["keep"].items())
+    assert run.allocation["min_keep"] == DEFAULT_MIN_KEEP and run.allocation["at_floor"]
+    assert sorted(run.allocation["at_floor"]) == sorted(
+        name for name, keep in run.allocation["keep"].items() if keep == floors[name])
+
+
 def test_an_infeasible_target_names_min_keep_and_the_reachable_fraction():
     dense = build("bert")
     model = copy.deepcopy(dense)
     with pytest.raises(ValueError) as caught:
-        prune(model, data_of("bert"), target_of("bert", "macs", 0.05), progress=False, **prune_options("bert"))
+        prune(model, data_of("bert"), target_of("bert", "macs", 0.05, min_keep=0), progress=False,
+              **prune_options("bert"))
     message = str(caught.value)
     assert message.startswith("target macs=0.05 cannot be met")
     assert "min_keep=0" in message and "'heads'" in message and "'neurons'" in message
@@ -315,7 +329,7 @@ def test_an_infeasible_target_names_min_keep_and_the_reachable_fraction():
                                                  strict=True))
     # Just above the reachable fraction the target is met; min_keep raises the floor.
     model = copy.deepcopy(dense)
-    report = prune(model, data_of("bert"), target_of("bert", "macs", reachable + 0.002), progress=False,
+    report = prune(model, data_of("bert"), target_of("bert", "macs", reachable + 0.002, min_keep=0), progress=False,
                    **prune_options("bert"))
     assert report.settings["allocation"]["achieved_fraction"] <= reachable + 0.002
     with pytest.raises(ValueError, match=r"target macs=0.3 cannot be met: .*min_keep=0.5") as caught:

@@ -77,3 +77,16 @@ def test_a_collapse_is_said_on_its_own_line():
     assert evaluate.collapse_warning({"perplexity": 70.0}, {"perplexity": 150.0}) is None
     assert "cosine" in evaluate.collapse_warning({}, {"cosine_to_dense": 0.3})
     assert evaluate.collapse_warning({}, {"cosine_to_dense": 0.9}) is None
+
+
+def test_a_collapse_under_a_cost_target_advises_the_target_and_the_floor():
+    from types import SimpleNamespace
+
+    from osscar_opt.commands.targets import collapse_advice
+
+    speedup = SimpleNamespace(settings={"allocation": {"target": "speedup", "min_keep": 0.125}})
+    line = evaluate.collapse_warning({"perplexity": 17.8}, {"perplexity": 227.2}, collapse_advice(speedup))
+    assert line.endswith("ask for a smaller speed-up, or raise --min-keep (now 0.125) if structures sit at their floor")
+    macs = SimpleNamespace(settings={"allocation": {"target": "macs", "min_keep": 0.0}})
+    assert collapse_advice(macs).startswith("ask for a larger fraction, or raise --min-keep (now 0)")
+    assert collapse_advice(SimpleNamespace(settings={})) == evaluate.COLLAPSE_ADVICE

@@ -24,6 +24,7 @@ from osscar_opt.commands.targets import (
     aligned,
     check_target_flags,
     check_target_met,
+    collapse_advice,
     cost_target,
     describe_allocation,
     multiple_of_flag,
@@ -317,7 +318,7 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
             document["unseen_mean"] = cross_domain.unseen_mean(after, calibrated_on)
             print(f"\nquality per text (calibrated on {calibrated_on}):")
             print(cross_domain.format_table(before, after, calibrated_on))
-        collapse = evaluate.collapse_warning(before[first], after[first])
+        collapse = evaluate.collapse_warning(before[first], after[first], collapse_advice(report))
         if collapse:
             print(collapse)
             document["quality_collapsed"] = collapse

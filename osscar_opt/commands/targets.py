@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from osscar_opt.budget import DEFAULT_NORMALIZATION, KINDS, LATENCY_CACHE_MODES, NORMALIZATIONS
+from osscar_opt.budget import DEFAULT_MIN_KEEP, DEFAULT_NORMALIZATION, KINDS, LATENCY_CACHE_MODES, NORMALIZATIONS
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +23,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-kinds", default=None, metavar="KINDS",
                         help="comma-separated structure kinds a target may prune (default: all the model has: "
                         f"{', '.join(KINDS)})")
-    parser.add_argument("--min-keep", type=float, default=0.0, metavar="FRACTION",
-                        help="with a target: fraction of every structure's groups always kept "
-                        "(default 0: at least one)")
+    parser.add_argument("--min-keep", type=float, default=None, metavar="FRACTION",
+                        help="with a target: fraction of every structure's groups always kept (default "
+                        f"{DEFAULT_MIN_KEEP:g}; 0: down to one group)")
     parser.add_argument("--multiple-of", type=int, default=None, metavar="N",
                         help="kept neurons and channels in multiples of N (uniform sparsities and targets alike; "
                         "heads and KV groups as asked), for the kernels of serving engines (e.g. 32 for GGUF q8_0)")
@@ -69,7 +69,8 @@ def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
         kinds.append("kv_groups")  # as --heads-sparsity: KV groups for GQA models
     if args.latency_cache != "use" and metric != "speedup":
         raise ValueError(f"--latency-cache: applies only with --target-speedup, got --target-{metric}")
-    return CostTarget(metric, value, kinds=kinds, min_keep=args.min_keep, normalize=args.normalize,
+    min_keep = DEFAULT_MIN_KEEP if args.min_keep is None else args.min_keep
+    return CostTarget(metric, value, kinds=kinds, min_keep=min_keep, normalize=args.normalize,
                       reallocate=args.reallocate, latency_cache=args.latency_cache)
 
 
@@ -95,12 +96,23 @@ def aligned(budgets: Any, multiple_of: int) -> Any:
 
 def check_target_flags(args: argparse.Namespace, target) -> None:
     if target is None:
-        for flag, default in (("target_kinds", None), ("min_keep", 0.0), ("normalize", DEFAULT_NORMALIZATION),
+        for flag, default in (("target_kinds", None), ("min_keep", None), ("normalize", DEFAULT_NORMALIZATION),
                               ("reallocate", False), ("workers", None), ("ray", None), ("strict_target", False),
                               ("latency_cache", "use")):
             if getattr(args, flag) != default:
                 raise ValueError(f"--{flag.replace('_', '-')}: applies only with --target-macs, --target-params "
                                  "or --target-speedup")
+
+
+def collapse_advice(report: Any) -> str:
+    """What the quality-collapse warning advises: with a cost target, a cheaper target or a higher
+    floor (the allocation may have cut layers to their floor); else a smaller or allocated sparsity."""
+    allocation = report.settings.get("allocation")
+    if not allocation:
+        return "prune less, or with a cost target"
+    ask = "a smaller speed-up" if allocation.get("target") == "speedup" else "a larger fraction"
+    return (f"ask for {ask}, or raise --min-keep (now {allocation.get('min_keep', 0):g}) if structures sit at "
+            "their floor")
 
 
 def check_target_met(report: Any, args: argparse.Namespace) -> None:
