@@ -187,7 +187,7 @@ def test_a_target_the_pruned_model_misses_is_said_in_the_report():
         call()
         return 50.0 if hasattr(module, "config") else clean_timer(module, call)
 
-    _, report = run(blocks_only)
+    _, report = run(blocks_only, min_keep=0)  # the tiny model reaches 1.3x only below the default floor
     allocation = report.settings["allocation"]
     assert report.target_met is False
     assert allocation["achieved_speedup"] == pytest.approx(1.0)
