@@ -6,7 +6,7 @@ relative reconstruction error ``||X (W - What)^T||^2 / ||X W^T||^2`` is reported
 
 - the calibration's fit samples (in-sample),
 - the calibration's held-out samples (every 4th sample, as ``damp="auto"``),
-- the calibration source's evaluation part (other articles), and
+- each calibration source's evaluation part (other articles, other plays, ...), and
 - every other text (``--eval-texts``), with their mean as the headline ("unseen").
 
 Each layer is calibrated on the dense model's own inputs (not sequentially on the pruned model's):
@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-search", default="{}", help="JSON options of local-search")
     parser.add_argument("--search-damps", type=float, nargs="+", default=[1e-2],
                         help="ridges the supports are searched at (the pipeline's: 1e-2)")
-    parser.add_argument("--calib-text", default=None, help="calibration source (default wiki)")
+    parser.add_argument("--calib-text", nargs="+", default=[None],
+                        help="calibration source(s), an equal share of windows from each (default wiki)")
     parser.add_argument("--eval-texts", nargs="+", default=["shakespeare", "stdlib", "licences"])
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
     parser.add_argument("--eval-samples", type=int, default=32, help="windows per other text (default 32)")
@@ -148,11 +149,11 @@ def main() -> None:
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     adapter = adapter_for(model)
     structures = chosen_structures(adapter, args.kind, args.layers)
-    calibrated_on = text.source_name(args.calib_text)
-    calibration = text.calibration_ids(tokenizer, text.load_texts(args.calib_text, "calib", loaded.causal),
-                                       args.samples, args.seq_len)
-    other_windows = {f"calib {calibrated_on.split(' ')[0]} (other articles)": text.calibration_ids(
-        tokenizer, text.load_texts(args.calib_text, "eval", loaded.causal), args.eval_samples, args.seq_len)}
+    calibrated_on = " + ".join(text.source_name(spec) for spec in args.calib_text)
+    calibration = text.mixture_ids(tokenizer, args.calib_text, args.samples, args.seq_len, loaded.causal)
+    other_windows = {f"calib {text.source_name(spec).split(' ')[0]} (held-out part)": text.calibration_ids(
+        tokenizer, text.load_texts(spec, "eval", loaded.causal), args.eval_samples, args.seq_len)
+        for spec in args.calib_text}
     for spec in args.eval_texts:
         other_windows[text.source_name(spec)] = text.calibration_ids(
             tokenizer, text.load_texts(spec, "eval", loaded.causal), args.eval_samples, args.seq_len)

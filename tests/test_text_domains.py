@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from osscar_opt import cli, cross_domain
 from osscar_opt.data import text, wiki
@@ -92,3 +93,22 @@ def test_an_eval_text_that_overlaps_the_calibration_warns_with_the_share(tiny_be
     assert "warning: eval_text: 100% of shared.txt's 8-word sequences are also in the calibration text" in captured.err
     assert "wiki's" not in captured.err
     assert "calibrated on shared.txt" in captured.out and "shared.txt (calibration's, held" in captured.out
+
+
+def test_a_mixture_draws_an_equal_share_of_every_source_in_a_shuffled_order():
+    from transformers import AutoTokenizer
+
+    from osscar_opt.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    mixed = text.mixture_ids(tokenizer, ["stdlib", "licences"], samples=9, seq_len=16)
+    stdlib = text.calibration_ids(tokenizer, text.load_texts("stdlib"), 5, 16, text.SEED)
+    licences = text.calibration_ids(tokenizer, text.load_texts("licences"), 4, 16, text.SEED + 1)
+    rows = {tuple(r) for r in mixed.tolist()}
+    assert mixed.shape == (9, 16) and rows == {tuple(r) for r in torch.cat([stdlib, licences]).tolist()}
+    assert not torch.equal(mixed[:5], stdlib)  # shuffled: a split of every k-th sample sees both sources
+    assert torch.equal(text.mixture_ids(tokenizer, ["stdlib"], 5, 16), stdlib)
+    with pytest.raises(ValueError, match="given twice"):
+        text.mixture_ids(tokenizer, ["stdlib", "stdlib"], 4, 16)
+    with pytest.raises(ValueError, match="at least one window per source"):
+        text.mixture_ids(tokenizer, ["stdlib", "licences"], 1, 16)

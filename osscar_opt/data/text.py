@@ -304,3 +304,29 @@ def calibration_ids(
         column = torch.ones(int(samples), 1, dtype=torch.int64)
         windows = torch.cat([column * cls_id, windows, column * sep_id], dim=1)
     return windows
+
+
+def mixture_ids(
+    tokenizer, specs: list[str | None], samples: int = 128, seq_len: int = 128, causal: bool = False,
+    part: str = "calib", seed: int = SEED, name: str = "calib_text",
+) -> torch.Tensor:
+    """``(samples, seq_len)`` windows with an equal share from every source of ``specs`` (as
+    :func:`load_texts` takes them; the first sources get one more window when ``samples`` does not
+    divide), in an order shuffled with ``seed`` so that a held-out split of every k-th sample
+    draws from every source. One source: :func:`calibration_ids` of it."""
+    if not specs:
+        raise ValueError(f"{name}: expected at least one text source")
+    keys = [source_name(spec) for spec in specs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{name}: a source is given twice: {keys}")
+    if len(specs) == 1:
+        return calibration_ids(tokenizer, load_texts(specs[0], part, causal, name), samples, seq_len, seed, name)
+    if isinstance(samples, bool) or int(samples) < len(specs):
+        raise ValueError(f"samples: expected at least one window per source ({len(specs)}), got {samples!r}")
+    counts = [int(samples) // len(specs) + (1 if i < int(samples) % len(specs) else 0) for i in range(len(specs))]
+    windows = torch.cat([
+        calibration_ids(tokenizer, load_texts(spec, part, causal, name), count, seq_len, seed + index, name)
+        for index, (spec, count) in enumerate(zip(specs, counts, strict=True))
+    ])
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order]
