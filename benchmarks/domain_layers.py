@@ -149,8 +149,9 @@ def main() -> None:
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     adapter = adapter_for(model)
     structures = chosen_structures(adapter, args.kind, args.layers)
-    calibrated_on = " + ".join(text.source_name(spec) for spec in args.calib_text)
-    calibration = text.mixture_ids(tokenizer, args.calib_text, args.samples, args.seq_len, loaded.causal)
+    calibrated_on = text.sources_name(args.calib_text)
+    calibration = text.mixture_ids(tokenizer, text.load_sources(args.calib_text, "calib", loaded.causal),
+                                   args.samples, args.seq_len)
     other_windows = {f"calib {text.source_name(spec).split(' ')[0]} (held-out part)": text.calibration_ids(
         tokenizer, text.load_texts(spec, "eval", loaded.causal), args.eval_samples, args.seq_len)
         for spec in args.calib_text}

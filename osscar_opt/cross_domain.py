@@ -76,10 +76,11 @@ def unseen_mean(results: dict[str, dict[str, Any]], calibrated_on: str | None,
 
 
 def same_source(key: str, calibrated_on: str | None) -> bool:
-    """True when the domain ``key`` is the calibration's own source (its held-out part)."""
+    """True when the domain ``key`` is one of the calibration's own sources (its held-out part);
+    ``calibrated_on`` names one source or a mixture (``"wiki + stdlib"``, :func:`text.sources_name`)."""
     if calibrated_on is None:
         return False
-    return key.split(" ")[0] == calibrated_on.split(" ")[0]
+    return key.split(" ")[0] in {part.split(" ")[0] for part in calibrated_on.split(" + ")}
 
 
 def format_table(dense: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]],

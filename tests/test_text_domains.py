@@ -101,14 +101,32 @@ def test_a_mixture_draws_an_equal_share_of_every_source_in_a_shuffled_order():
     from osscar_opt.models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    mixed = text.mixture_ids(tokenizer, ["stdlib", "licences"], samples=9, seq_len=16)
+    mixed = text.mixture_ids(tokenizer, text.load_sources(["stdlib", "licences"]), samples=9, seq_len=16)
     stdlib = text.calibration_ids(tokenizer, text.load_texts("stdlib"), 5, 16, text.SEED)
     licences = text.calibration_ids(tokenizer, text.load_texts("licences"), 4, 16, text.SEED + 1)
     rows = {tuple(r) for r in mixed.tolist()}
     assert mixed.shape == (9, 16) and rows == {tuple(r) for r in torch.cat([stdlib, licences]).tolist()}
     assert not torch.equal(mixed[:5], stdlib)  # shuffled: a split of every k-th sample sees both sources
-    assert torch.equal(text.mixture_ids(tokenizer, ["stdlib"], 5, 16), stdlib)
+    assert torch.equal(text.mixture_ids(tokenizer, text.load_sources(["stdlib"]), 5, 16), stdlib)
     with pytest.raises(ValueError, match="given twice"):
-        text.mixture_ids(tokenizer, ["stdlib", "stdlib"], 4, 16)
+        text.load_sources(["stdlib", "stdlib"])
     with pytest.raises(ValueError, match="at least one window per source"):
-        text.mixture_ids(tokenizer, ["stdlib", "licences"], 1, 16)
+        text.mixture_ids(tokenizer, text.load_sources(["stdlib", "licences"]), 1, 16)
+    assert text.sources_name(["stdlib", None]) == "stdlib + wiki (default)"
+
+
+def test_prune_calibrates_on_a_mixture_and_leaves_its_sources_out_of_the_unseen_mean(tiny_bert_folder, tmp_path,  # noqa: F811
+                                                                                     capsys):
+    argv = ["prune", "--model", str(tiny_bert_folder), "--neurons-sparsity", "0.5", "--heads-sparsity", "0",
+            "--samples", "8", "--seq-len", "16", "--backend", "magnitude", "--quiet",
+            "--report", str(tmp_path / "run.json"),
+            "--calib-text", "stdlib", "licences", "--eval-text", "stdlib", "shakespeare", "licences"]
+    assert cli.main(argv) == 0
+    assert "calibrated on stdlib + licences" in capsys.readouterr().out
+    document = json.loads((tmp_path / "run.json").read_text())
+    assert document["settings"]["calibration_text"] == "stdlib + licences"
+    assert document["unseen_mean"] == pytest.approx(document["domains"]["shakespeare"]["pruned"]["cosine_to_dense"])
+    assert cross_domain.same_source("licences", "stdlib + licences")
+    assert not cross_domain.same_source("shakespeare", "stdlib + licences")
+    assert cli.main([*argv[:-7], "--calib-text", "stdlib", "stdlib"]) == 2
+    assert "calib_text: a source is given twice" in capsys.readouterr().err

@@ -73,9 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep the model on the CPU and move one block (stage) at a time to --device (default: "
                         "cuda if available) for its calibration passes and solves: prunes a model larger than GPU "
                         "memory; the before/after evaluation then runs on the CPU (--no-eval skips it)")
-    parser.add_argument("--calib-text", default=None, metavar="TEXT",
+    parser.add_argument("--calib-text", nargs="+", default=None, metavar="TEXT",
                         help="calibration text: a file, or wiki (default: Wikipedia summaries), shakespeare, stdlib, "
-                        "licences")
+                        "licences; several: an equal share of the samples from each")
     parser.add_argument("--eval-text", nargs="+", default=None, metavar="TEXT",
                         help="evaluation texts (files or the names above; default: wiki, its held-out articles); "
                         "the table uses the first, and every text gets a quality row")
@@ -277,9 +277,10 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     samples = args.samples or DEFAULT_SAMPLES
     models.check_seq_len(loaded.model, seq_len, "--seq-len")
-    calib_texts = text.load_texts(args.calib_text, "calib", loaded.causal, "calib_text")
-    calibration = text.calibration_ids(loaded.tokenizer, calib_texts, samples, seq_len)
-    calibrated_on = text.source_name(args.calib_text)
+    calib_sources = text.load_sources(args.calib_text or [None], "calib", loaded.causal, "calib_text")
+    calibration = text.mixture_ids(loaded.tokenizer, calib_sources, samples, seq_len)
+    calib_texts = [passage for texts in calib_sources for passage in texts]
+    calibrated_on = text.sources_name(args.calib_text or [None])
     _progress(f"calibration: {samples} samples x {seq_len} tokens from {calibrated_on}", args.quiet)
     domains, before, dense_copy = {}, {}, None
     if not args.no_eval:

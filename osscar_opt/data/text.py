@@ -306,27 +306,43 @@ def calibration_ids(
     return windows
 
 
-def mixture_ids(
-    tokenizer, specs: list[str | None], samples: int = 128, seq_len: int = 128, causal: bool = False,
-    part: str = "calib", seed: int = SEED, name: str = "calib_text",
-) -> torch.Tensor:
-    """``(samples, seq_len)`` windows with an equal share from every source of ``specs`` (as
-    :func:`load_texts` takes them; the first sources get one more window when ``samples`` does not
-    divide), in an order shuffled with ``seed`` so that a held-out split of every k-th sample
-    draws from every source. One source: :func:`calibration_ids` of it."""
+
+def load_sources(specs: list[str | None], part: str = "calib", causal: bool = False,
+                 name: str = "calib_text") -> list[list[str]]:
+    """:func:`load_texts` of every source of ``specs`` (each read and checked before any model runs;
+    a source given twice is refused)."""
     if not specs:
         raise ValueError(f"{name}: expected at least one text source")
     keys = [source_name(spec) for spec in specs]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{name}: a source is given twice: {keys}")
-    if len(specs) == 1:
-        return calibration_ids(tokenizer, load_texts(specs[0], part, causal, name), samples, seq_len, seed, name)
-    if isinstance(samples, bool) or int(samples) < len(specs):
-        raise ValueError(f"samples: expected at least one window per source ({len(specs)}), got {samples!r}")
-    counts = [int(samples) // len(specs) + (1 if i < int(samples) % len(specs) else 0) for i in range(len(specs))]
+    return [load_texts(spec, part, causal, name) for spec in specs]
+
+
+def sources_name(specs: list[str | None]) -> str:
+    """How the plan line and tables name a mixture: the sources' names joined by `` + ``."""
+    return " + ".join(source_name(spec) for spec in specs)
+
+
+def mixture_ids(
+    tokenizer, sources: list[list[str]], samples: int = 128, seq_len: int = 128, seed: int = SEED,
+    name: str = "calib_text",
+) -> torch.Tensor:
+    """``(samples, seq_len)`` windows with an equal share from every source (texts as
+    :func:`load_sources` gives them; the first sources get one more window when ``samples`` does not
+    divide), in an order shuffled with ``seed`` so that a held-out split of every k-th sample draws
+    from every source. One source: its :func:`calibration_ids`."""
+    if not sources:
+        raise ValueError(f"{name}: expected at least one text source")
+    if len(sources) == 1:
+        return calibration_ids(tokenizer, sources[0], samples, seq_len, seed, name)
+    if isinstance(samples, bool) or int(samples) < len(sources):
+        raise ValueError(f"samples: expected at least one window per source ({len(sources)}), got {samples!r}")
+    counts = [int(samples) // len(sources) + (1 if i < int(samples) % len(sources) else 0)
+              for i in range(len(sources))]
     windows = torch.cat([
-        calibration_ids(tokenizer, load_texts(spec, part, causal, name), count, seq_len, seed + index, name)
-        for index, (spec, count) in enumerate(zip(specs, counts, strict=True))
+        calibration_ids(tokenizer, texts, count, seq_len, seed + index, name)
+        for index, (texts, count) in enumerate(zip(sources, counts, strict=True))
     ])
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     return windows[order]
