@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
+from osscar_opt.allocation_search import AllocationSearch
+
 KINDS: tuple[str, ...] = ("heads", "kv_groups", "q_heads", "neurons", "channels")
 """Structure kinds: attention heads, GQA key-value groups, query heads inside each KV group (a
 budget counts them per KV group), MLP neurons, conv channels."""
@@ -171,6 +173,9 @@ class CostTarget:
         multiple_of: kept neurons and channels are multiples of this (the curves' keep grid holds
             only multiples, and the dense width); heads and KV groups are left alone. A target these
             widths cannot meet is refused before any layer is cut, with the smallest cost they reach.
+        search: an :class:`~osscar_opt.allocation_search.AllocationSearch`: after the dynamic program,
+            search keeps at the same cost scored on the model's output on its held-out samples
+            (docs/targets.md, "Searching the allocation"); None (default): the program's keeps.
     """
 
     def __init__(
@@ -188,6 +193,7 @@ class CostTarget:
         allocation: str = "curves",
         latency_timer: Callable[..., float] | None = None,
         multiple_of: int = 1,
+        search: AllocationSearch | None = None,
     ) -> None:
         if metric not in TARGET_METRICS:
             raise ValueError(f"metric: expected one of {list(TARGET_METRICS)}, got {metric!r}")
@@ -233,6 +239,17 @@ class CostTarget:
                              f"{latency_timer!r}")
         self.latency_timer = latency_timer
         self.multiple_of = check_multiple_of(multiple_of)
+        if search is not None and not isinstance(search, AllocationSearch):
+            raise ValueError(f"search: expected an AllocationSearch or None, got {search!r}")
+        if search is not None and allocation == "uniform":
+            raise ValueError("search: starts from the curves' allocation, not allocation='uniform'")
+        if search is not None and "q_heads" in chosen:
+            raise ValueError("search: candidates are assembled one consumer per structure, and q_heads share theirs "
+                             "with kv_groups; search without q_heads in kinds")
+        if search is not None and reallocate:
+            raise ValueError("search: searches one allocation of the whole model; reallocate would replace it "
+                             "stage by stage; give one or the other")
+        self.search = search
         self.allocation: dict[str, int] | None = None
 
     @property
@@ -258,6 +275,7 @@ class CostTarget:
             "target": self.metric, "value": self.value, "kinds": sorted(self.pruned_kinds),
             "min_keep": self.min_keep, "grid": self.grid, "normalize": self.normalize,
             "reallocate": self.reallocate, "allocation": self.mode, "multiple_of": self.multiple_of,
+            "search": None if self.search is None else self.search.to_dict(),
         }
 
     def __repr__(self) -> str:

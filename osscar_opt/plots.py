@@ -75,6 +75,42 @@ def keep_heatmap(report: dict[str, Any], path: str | Path, title: str = "") -> P
     return path
 
 
+def search_plot(allocation: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Write a PNG of the allocation search: the kept share of every targeted structure under the
+    dynamic program and after the search (one panel per structure kind, blocks on the x axis), and
+    the best score against evaluations. ``allocation`` is the report's ``settings["allocation"]``
+    with a ``search``."""
+    search = allocation.get("search")
+    if not search:
+        raise ValueError("allocation: the run did not search its allocation (no 'search' in the report)")
+    plt = _pyplot()
+    curves = allocation["curves"]
+    kinds = sorted({c["kind"] for c in curves})
+    figure, axes = plt.subplots(1, len(kinds) + 1, figsize=(4.2 * (len(kinds) + 1), 3.4))
+    for axis, kind in zip(axes, kinds, strict=False):
+        of_kind = [c for c in curves if c["kind"] == kind]
+        stages = [c["stage"] for c in of_kind]
+        for label, keep, style in (("dynamic program", search["start_keep"], "o--"),
+                                   ("searched", search["keep"], "s-")):
+            axis.plot(stages, [keep.get(c["name"], c["num_groups"]) / c["num_groups"] for c in of_kind], style,
+                      label=label, markersize=4)
+        axis.set_title(kind)
+        axis.set_xlabel("stage (block)")
+        axis.set_ylabel("kept share")
+        axis.set_ylim(0, 1.05)
+        axis.legend(fontsize=7)
+    trace = search["trace"]
+    axes[-1].plot([t["evaluation"] for t in trace], [t["best"] for t in trace], "-", label="best")
+    axes[-1].plot([t["evaluation"] for t in trace], [t["score"] for t in trace], ".", alpha=0.5, label="candidate")
+    axes[-1].set_xlabel("evaluations")
+    axes[-1].set_ylabel(search["metric"])
+    axes[-1].set_title("search")
+    axes[-1].legend(fontsize=7)
+    figure.suptitle(title or "allocation search")
+    figure.tight_layout()
+    return _save(plt, figure, path)
+
+
 def _save(plt, figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,14 @@ from osscar_opt.commands.options import (
 from osscar_opt.commands.targets import (
     add_target_arguments,
     aligned,
+    attach_search,
     check_target_flags,
     check_target_met,
     collapse_advice,
     cost_target,
     describe_allocation,
     multiple_of_flag,
+    search_flags,
 )
 
 DEFAULT_SAMPLES = 128
@@ -138,6 +140,8 @@ def _check_common(args: argparse.Namespace) -> None:
         targeted = any(getattr(args, f"target_{metric}", None) is not None for metric in ("macs", "params", "speedup"))
         if args.plot or targeted:
             check_output_path(Path(args.report).with_suffix(".keep.png"), "--report (its .keep.png)")
+            if getattr(args, "search_evaluations", None) is not None:
+                check_output_path(Path(args.report).with_suffix(".search.png"), "--report (its .search.png)")
         if args.plot:
             check_output_path(Path(args.report).with_suffix(".layers.png"), "--plot (the report's .layers.png)")
 
@@ -263,6 +267,7 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     from osscar_opt.pipeline import prune
 
     budgets = _transformer_budgets(args)
+    search = search_flags(args)
     _check_common(args)
     multiple_of = multiple_of_flag(args)
     _progress(f"loading {args.model or models.DEFAULT_MODEL} ...", args.quiet)
@@ -278,6 +283,13 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     samples = args.samples or DEFAULT_SAMPLES
     models.check_seq_len(loaded.model, seq_len, "--seq-len")
     calib_sources = text.load_sources(args.calib_text or [None], "calib", loaded.causal, "calib_text")
+    if search is not None:  # every 10th document of each source is the search's, never calibration
+        split = [text.hold_out_documents(texts) for texts in calib_sources]
+        calib_sources = [fit for fit, _ in split]
+        attach_search(budgets, search, text.mixture_ids(loaded.tokenizer, [held for _, held in split],
+                                                         search["samples"], seq_len, seed=text.SEED + 1))
+        _progress(f"allocation search: {search['samples']} samples of held-out documents, at most "
+                  f"{search['evaluations']} evaluations", args.quiet)
     calibration = text.mixture_ids(loaded.tokenizer, calib_sources, samples, seq_len)
     calib_texts = [passage for texts in calib_sources for passage in texts]
     calibrated_on = text.sources_name(args.calib_text or [None])
@@ -369,6 +381,7 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("channels_sparsity: required for torchvision models (--channels-sparsity, in [0, 1)), "
                              "or give --target-macs, --target-params or --target-speedup")
         budgets = {"channels": check_sparsity(args.channels_sparsity, "channels_sparsity")}
+    search = search_flags(args)
     _check_common(args)
     budgets = aligned(budgets, multiple_of_flag(args))
     device = torch.device(args.device or "cpu")
@@ -385,11 +398,18 @@ def prune_torchvision(args: argparse.Namespace) -> dict[str, Any]:
         document["train_seconds"] = trained["train_seconds"]
     train_split, test_split = digits.digits(image_size=image_size)
     images = torchvision_io.load_images(args.calibration_images) if args.calibration_images else train_split.images
+    samples = args.samples or DEFAULT_SAMPLES
+    if search is not None:  # images the calibration does not use
+        held = images[samples: samples + search["samples"]]
+        if held.shape[0] < search["samples"]:
+            raise ValueError(f"--search-samples: {search['samples']} images after the {samples} calibration images are "
+                             f"needed, the calibration set has {images.shape[0]}")
+        attach_search(budgets, search, held.to(device))
     options = _prune_options(args, args.batch_size or DEFAULT_IMAGE_BATCH_SIZE)
     if options.get("offload"):  # the copy is pruned on the CPU, one stage at a time on the model's device
         options["device"] = str(device)
     try:
-        pruned, report = prune_vision(model, images[: args.samples or DEFAULT_SAMPLES], budgets, **options)
+        pruned, report = prune_vision(model, images[:samples], budgets, **options)
     finally:
         if options.get("executor") is not None:
             options["executor"].close()
@@ -473,6 +493,12 @@ def run(args: argparse.Namespace) -> int:
                 title += f", target {allocation['target']} {allocation['value']:g}"
             picture = keep_heatmap(document, Path(args.report).with_suffix(".keep.png"), title=title)
             print(f"wrote the kept-share heat map to {picture}")
+            if allocation is not None and allocation.get("search"):
+                from osscar_opt.plots import search_plot
+
+                picture = search_plot(allocation, Path(args.report).with_suffix(".search.png"),
+                                      title=f"{document.get('model', '')}: allocation search")
+                print(f"wrote the allocation search plot to {picture}")
         if args.plot:
             from osscar_opt.plots import layer_plot
 

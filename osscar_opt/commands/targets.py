@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from osscar_opt.allocation_search import SEARCH_METHODS
 from osscar_opt.budget import DEFAULT_MIN_KEEP, DEFAULT_NORMALIZATION, KINDS, LATENCY_CACHE_MODES, NORMALIZATIONS
+
+DEFAULT_SEARCH_SAMPLES = 16
+SEARCH_FLAGS = ("search_evaluations", "search_seconds", "search_samples", "search_seed", "search_method")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +45,20 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-cache", choices=LATENCY_CACHE_MODES, default="use",
                         help="with --target-speedup: use the cached latency tables after re-timing a point of each "
                         "(use, default), measure them all again (refresh), or cache nothing (off)")
+    parser.add_argument("--search-evaluations", type=int, default=None, metavar="N",
+                        help="with a target: after the dynamic program, search per-layer keeps at the same cost, "
+                        "scoring at most N candidate models on their output (KL to the dense model's next-token "
+                        "distributions; embedding cosine for encoders; logits for CNNs) on held-out samples of "
+                        "documents the calibration does not use")
+    parser.add_argument("--search-seconds", type=float, default=None, metavar="S",
+                        help="with --search-evaluations: stop the search after S seconds")
+    parser.add_argument("--search-samples", type=int, default=None, metavar="N",
+                        help=f"with --search-evaluations: held-out samples candidates are scored on (default "
+                        f"{DEFAULT_SEARCH_SAMPLES})")
+    parser.add_argument("--search-seed", type=int, default=None, help="with --search-evaluations: its seed (default 0)")
+    parser.add_argument("--search-method", choices=SEARCH_METHODS, default=None,
+                        help="with --search-evaluations: moves (one budget move at a time, default) or evolution "
+                        "(EvoPress-style generations)")
     parser.add_argument("--workers", type=int, default=None,
                         help="with a target: compute the loss curves on this many local worker processes")
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
@@ -70,6 +88,9 @@ def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
     if args.latency_cache != "use" and metric != "speedup":
         raise ValueError(f"--latency-cache: applies only with --target-speedup, got --target-{metric}")
     min_keep = DEFAULT_MIN_KEEP if args.min_keep is None else args.min_keep
+    if args.search_evaluations is not None and args.reallocate:
+        raise ValueError("--search-evaluations and --reallocate: the search chooses one allocation of the whole model, "
+                         "reallocation replaces it block by block; give one or the other")
     return CostTarget(metric, value, kinds=kinds, min_keep=min_keep, normalize=args.normalize,
                       reallocate=args.reallocate, latency_cache=args.latency_cache)
 
@@ -94,8 +115,45 @@ def aligned(budgets: Any, multiple_of: int) -> Any:
     return UniformSparsity({kind: value for kind, value in budgets.items() if value}, multiple_of=multiple_of)
 
 
+def search_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--search-*`` flags checked (before any model is loaded): None without
+    ``--search-evaluations``; its other flags alone are refused."""
+    if args.search_evaluations is None:
+        for flag in SEARCH_FLAGS[1:]:
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')}: applies only with --search-evaluations")
+        return None
+    for flag in ("search_evaluations", "search_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a positive integer, got {value}")
+    if args.search_seconds is not None and not args.search_seconds > 0:
+        raise ValueError(f"--search-seconds: expected a positive number of seconds, got {args.search_seconds}")
+    samples = DEFAULT_SEARCH_SAMPLES if args.search_samples is None else args.search_samples
+    from osscar_opt.allocation_search import MIN_SCORE_SAMPLES
+
+    if samples < MIN_SCORE_SAMPLES:
+        raise ValueError(f"--search-samples: the search scores candidates on at least {MIN_SCORE_SAMPLES} held-out "
+                         f"samples, got {samples}")
+    return {"evaluations": args.search_evaluations, "seconds": args.search_seconds, "samples": samples,
+            "seed": 0 if args.search_seed is None else args.search_seed, "method": args.search_method or "moves"}
+
+
+def attach_search(target, flags: dict[str, Any] | None, samples: Any) -> None:
+    """Give the cost target its :class:`AllocationSearch` over the held-out ``samples``."""
+    from osscar_opt.allocation_search import AllocationSearch
+
+    if flags is not None:
+        options = {key: value for key, value in flags.items() if key != "samples"}
+        target.search = AllocationSearch(samples, **options)
+
+
 def check_target_flags(args: argparse.Namespace, target) -> None:
     if target is None:
+        for flag in SEARCH_FLAGS:
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')}: searches a cost target's allocation; applies only with "
+                                 "--target-macs, --target-params or --target-speedup")
         for flag, default in (("target_kinds", None), ("min_keep", None), ("normalize", DEFAULT_NORMALIZATION),
                               ("reallocate", False), ("workers", None), ("ray", None), ("strict_target", False),
                               ("latency_cache", "use")):
@@ -148,6 +206,15 @@ def describe_allocation(allocation: dict[str, Any]) -> str:
         kinds.setdefault(curve["kind"], []).append(keep / curve["num_groups"])
     spread = "; ".join(f"{kind} kept {min(v):.2f}-{max(v):.2f} per layer" for kind, v in sorted(kinds.items()))
     text = f"{line}\n{spread} (loss curves and allocation {allocation['seconds']:.1f} s)"
+    search = allocation.get("search")
+    if search:
+        changed = sum(search["keep"][name] != keep for name, keep in search["start_keep"].items())
+        text += (f"\nallocation search ({search['method']}, {search['samples']} held-out samples): {search['metric']} "
+                 f"{search['start_score']:.5f} (dynamic program) -> {search['score']:.5f} (searched, {changed} "
+                 f"structures changed) in {search['evaluations']:.0f} evaluations, {search['seconds']:.1f} s "
+                 f"(stopped: {search['stopped']})")
+        if "pruned_score" in search:
+            text += f"; the pruned model, re-fit on its own inputs: {search['pruned_score']:.5f}"
     floor = allocation.get("at_floor") or []
     if floor:
         shown = ", ".join(floor[:4]) + (f" and {len(floor) - 4} more" if len(floor) > 4 else "")

@@ -319,6 +319,27 @@ def load_sources(specs: list[str | None], part: str = "calib", causal: bool = Fa
     return [load_texts(spec, part, causal, name) for spec in specs]
 
 
+SEARCH_EVERY = 10
+"""Every this-many-th document of a calibration source is held out for the allocation search."""
+
+
+def hold_out_documents(texts: list[str], every: int = SEARCH_EVERY,
+                       name: str = "calib_text") -> tuple[list[str], list[str]]:
+    """``(fit, held_out)``: every ``every``-th document of ``texts`` held out (the allocation search
+    scores on them, so that it does not fit the documents the layers are fit to). A source of fewer
+    than ``2 * every`` documents (one long text) is cut into paragraphs first; one with fewer than
+    ``every`` paragraphs is refused, naming ``name``."""
+    whole = len(texts) >= 2 * every
+    documents = texts if whole else [p for text in texts for p in paragraphs(text)]
+    if len(documents) < every:
+        raise ValueError(f"{name}: {len(documents)} documents or paragraphs, too few to hold out every "
+                         f"{every}th for the allocation search (needs at least {every})")
+    held = set(range(every - 1, len(documents), every))
+    fit = [d for i, d in enumerate(documents) if i not in held]
+    out = [d for i, d in enumerate(documents) if i in held]
+    return (fit, out) if whole else (["\n\n".join(fit)], ["\n\n".join(out)])
+
+
 def sources_name(specs: list[str | None]) -> str:
     """How the plan line and tables name a mixture: the sources' names joined by `` + ``."""
     return " + ".join(source_name(spec) for spec in specs)

@@ -84,6 +84,18 @@ def set_consumer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
         module.bias = _parameter(bias, module.weight if module.bias is None else module.bias)
 
 
+def _checked_columns(structure: Structure, support: Sequence[int],
+                     weights: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The sorted kept groups and their consumer columns; an empty support or weights of the wrong
+    shape are refused."""
+    kept = sorted(int(g) for g in support)
+    if not kept:
+        raise ValueError("support: at least one group must be kept")
+    if tuple(weights.shape) != matrix_shape(structure.consumer):
+        raise ValueError(f"weights: expected shape {matrix_shape(structure.consumer)}, got {tuple(weights.shape)}")
+    return kept, rows_for(structure.groups, kept).to(weights.device)
+
+
 def apply_solution(
     structure: Structure,
     support: Sequence[int],
@@ -98,17 +110,28 @@ def apply_solution(
         weights: ``(m, p)`` optimal consumer weight for ``support`` as a matrix (zeros in pruned columns).
         bias: re-fit consumer bias ``(m,)``, or None to keep the current bias.
     """
-    kept = sorted(int(g) for g in support)
-    if not kept:
-        raise ValueError("support: at least one group must be kept")
-    if tuple(weights.shape) != matrix_shape(structure.consumer):
-        raise ValueError(f"weights: expected shape {matrix_shape(structure.consumer)}, got {tuple(weights.shape)}")
-    columns = rows_for(structure.groups, kept).to(weights.device)
+    kept, columns = _checked_columns(structure, support, weights)
     set_consumer(structure.consumer, weights.index_select(1, columns), bias)
     for producer in structure.producers:
         keep_output_rows(producer.module, producer.kept_rows(kept))
     if structure.on_resize is not None:
         structure.on_resize(len(kept))
+
+
+def mask_solution(
+    structure: Structure,
+    support: Sequence[int],
+    weights: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """Give ``structure``'s consumer the re-fit weights of ``support`` and zeros in every pruned
+    column, without cutting anything: the model then computes what :func:`apply_solution` would
+    leave (the pruned groups' producers feed only this consumer), at the dense model's cost.
+    ``weights``: ``(m, p)`` as for :func:`apply_solution`; ``bias``: the re-fit bias or None."""
+    _, columns = _checked_columns(structure, support, weights)
+    masked = torch.zeros_like(weights)
+    masked[:, columns] = weights[:, columns]
+    set_consumer(structure.consumer, masked, bias)
 
 
 def resize_empty(structure: Structure, keep: int) -> None:

@@ -18,12 +18,14 @@ import torch
 
 from osscar_opt.adapters.base import Stage, StageCall
 from osscar_opt.allocate import Choices, InfeasibleTarget, allocate_with_pairs, interpolate, uniform_keeps
+from osscar_opt.allocation_search import search_allocation
 from osscar_opt.backends._search import SMALL_PROBLEM_GROUPS
 from osscar_opt.balanced import balanced_curve
 from osscar_opt.budget import ALIGNED_KINDS
 from osscar_opt.costs import LatencyTable, StageCoster, model_cost, wall_timer
 from osscar_opt.curves import DEFAULT_CURVE_SWAPS, Curve, keep_grid, loss_curve, normalize
 from osscar_opt.formulations.structures import Structure
+from osscar_opt.pipeline.search import OutputScorer, Supernet
 from osscar_opt.pipeline.settings import Settings
 from osscar_opt.pipeline.stage import StagePruner
 from osscar_opt.problem import LayerProblem
@@ -68,6 +70,9 @@ class Allocator:
         self.latency_tables: dict[str, LatencyTable] = {}  # measured or re-validated in this run, by cache key
         self.capacity = 0.0
         self.seconds = 0.0
+        self.supernet: Supernet | None = Supernet() if self.target.search is not None else None
+        self.scorer: OutputScorer | None = None
+        self.search: dict[str, Any] | None = None
 
     def stage_choices(self, index: int, stage: Stage, hidden: list[torch.Tensor], costs: bool = True) -> list:
         """Curves (and, with ``costs``, cost tables) of ``stage``'s targeted structures on ``hidden``;
@@ -130,9 +135,11 @@ class Allocator:
                       for (_, structure, problem, *_), row in zip(free, rows, strict=True)]
             curves += [balanced_curve(problem, structure.blocks, keeps, name=structure.name, kind=structure.kind)
                        for _, structure, problem, keeps, *_ in blocked]
-        for (index, structure, _, keeps, _, table, layer_energy, stage_energy), curve in zip(self.pending, curves,
-                                                                                            strict=True):
+        for (index, structure, problem, keeps, _, table, layer_energy, stage_energy), curve in zip(
+                self.pending, curves, strict=True):
             normalize(curve, self.target.normalize, layer_energy=layer_energy, stage_energy=stage_energy)
+            if self.supernet is not None:
+                self.supernet.add(structure, problem, curve.keeps, curve.supports)
             self.choices[structure.name] = (index, Choices(structure.name, structure.kind, keeps, curve.losses,
                                                            table), curve)
         self.pending, self.pending_bytes = [], 0
@@ -176,7 +183,35 @@ class Allocator:
         if not self.choices:
             raise ValueError(f"budgets: the target prunes {sorted(self.target.kinds())}, which this model lacks")
         self._allocate(0)
+        if self.supernet is not None:
+            self._search(progress)
         self.seconds += time.perf_counter() - start
+
+    def _search(self, progress: bool) -> None:
+        """Search keeps at the same cost, scored on the model's output (:mod:`osscar_opt.allocation_search`),
+        from the dynamic program's allocation; the model is dense again afterwards."""
+        adapter, supernet = self.adapter, self.supernet
+        inputs = ((lambda batch: {"kwargs": adapter.model_inputs(batch)}) if hasattr(adapter, "model_inputs")
+                  else None)
+        self.scorer = OutputScorer(adapter.model, self.settings.search_batches, inputs)
+
+        def score(keep: dict[str, int], share: float) -> tuple[float, float]:
+            supernet.assemble(keep)
+            return self.scorer.score(share)
+
+        start = dict(self.target.allocation)
+        choices = [choices for _, choices, _ in self.choices.values()]
+        try:
+            with torch.no_grad():
+                result = search_allocation(choices, start, self.cost_of, self.capacity - self.dense_cost, score,
+                                           self.target.search, progress=progress)
+        finally:
+            supernet.restore()
+        self.target.allocation = dict(result.keep)
+        self.search = {**self.target.search.to_dict(), **result.to_dict(), "metric": self.scorer.metric,
+                       "samples": self.scorer.samples, "supernet_bytes": supernet.bytes,
+                       "start_fraction": (self.dense_cost + self.cost_of(start)) / self.dense_cost,
+                       "fraction": (self.dense_cost + self.cost_of(result.keep)) / self.dense_cost}
 
     def reallocate(self, index: int, stage: Stage, pruned_in: list[torch.Tensor]) -> None:
         """Before stage ``index`` is pruned: its curves on ``pruned_in``, then the budget left over
@@ -276,11 +311,15 @@ class Allocator:
         same batch (:meth:`achieved`) and the structures left at their smallest keep."""
         predicted = self.predicted_cost()
         measured = {**self.achieved(), "at_floor": self.at_floor()} if achieved else {}
+        search = None if self.search is None else dict(self.search)
+        if achieved and search is not None:  # the pruned model (re-fit on its own inputs) on the same samples
+            with torch.no_grad():
+                search["pruned_score"] = self.scorer.score(1.0)[0]
         return {
             **measured, **self.target.to_dict(), "metric": self.metric, "dense_cost": self.dense_cost,
             "capacity": self.capacity, "predicted_cost": predicted,
             "predicted_fraction": predicted / self.dense_cost if self.dense_cost else 1.0,
-            "keep": dict(self.target.allocation or {}), "seconds": self.seconds,
+            "keep": dict(self.target.allocation or {}), "seconds": self.seconds, "search": search,
             "curves": [
                 {**curve.to_dict(), "stage": stage, "costs": choices.costs}
                 for stage, choices, curve in self.choices.values()

@@ -19,6 +19,7 @@ from torch import nn
 
 from osscar_opt.adapters.base import ModelAdapter
 from osscar_opt.adapters.registry import adapter_for
+from osscar_opt.allocation_search import MIN_SCORE_SAMPLES
 from osscar_opt.budget import Budget, CostTarget, UniformSparsity, as_budget
 from osscar_opt.pipeline.placement import Placement, placement_for
 
@@ -51,6 +52,8 @@ class Settings:
         progress: show progress bars and the plan line.
         curve_executor: where a cost target's loss curves are computed (None: this process);
             ``owns_executor``: whether prune made it (and so closes it).
+        search_batches: the held-out samples a cost target's allocation search scores on, as the
+            adapter's batches (None without a search).
     """
 
     adapter: ModelAdapter
@@ -67,6 +70,7 @@ class Settings:
     progress: bool
     curve_executor: Any = None
     owns_executor: bool = False
+    search_batches: list[torch.Tensor] | None = None
 
     @property
     def split(self) -> bool:
@@ -137,12 +141,13 @@ class Settings:
 
             for message in coverage(batches).warnings():
                 warnings.warn(message, UserWarning, stacklevel=3)
+        search_batches = _search_batches(adapter, placement, budget, batch_size)
         curve_executor, owns = _curve_executor(executor, workers)
         return cls(
             adapter=adapter, placement=placement, budget=budget, batches=batches, backend=backend,
             backend_options=dict(backend_options or {}), refit_bias=bool(refit_bias), damp=damp, target=target,
             objective=objective, save_problems=None if save_problems is None else Path(save_problems),
-            progress=bool(progress), curve_executor=curve_executor, owns_executor=owns,
+            progress=bool(progress), curve_executor=curve_executor, owns_executor=owns, search_batches=search_batches,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -217,6 +222,26 @@ def _check_offload_target(placement: Placement, budget: Budget) -> None:
             f"but with offload its latency tables would be measured where the model is ({placement.storage}); "
             "use a macs or params target with offload, or prune without offload"
         )
+
+
+def _search_batches(adapter: ModelAdapter, placement: Placement, budget: Budget,
+                    batch_size: int) -> list[torch.Tensor] | None:
+    """A cost target's search samples as the adapter's batches (None without a search); too few
+    samples, or offload (the search runs the whole model on the compute device), are refused."""
+    search = budget.search if isinstance(budget, CostTarget) else None
+    if search is None:
+        return None
+    if placement.offload:
+        raise ValueError("search: scores candidates with the whole model on the compute device; not with offload")
+    try:
+        batches = adapter.calibration_batches(search.calibration, batch_size)
+    except ValueError as error:
+        raise ValueError(f"search calibration: {error}") from None
+    samples = sum(int(batch.shape[0]) for batch in batches)
+    if samples < MIN_SCORE_SAMPLES:
+        raise ValueError(f"search calibration: the search scores candidates on at least {MIN_SCORE_SAMPLES} held-out "
+                         f"samples, got {samples}")
+    return [placement.fetch(batch) for batch in batches]
 
 
 def _curve_executor(executor: Any, workers: int | None) -> tuple[Any, bool]:
