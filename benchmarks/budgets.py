@@ -1,16 +1,22 @@
 """Speed-target benchmark (issue 10): uniform against allocated per-layer budgets at the same target.
 
 For every model and target (``macs:0.7`` keeps 70% of the dense MACs, ``speedup:1.5`` asks for a
-forward pass 1.5x as fast on this machine), two budgets are computed once:
+forward pass 1.5x as fast on this machine), the budgets of ``--modes`` are computed once:
 
 * ``uniform``: every layer of a kind keeps the same share; the shares of heads and neurons are
   chosen by the same dynamic program on the kinds' summed loss curves;
-* ``allocated``: every structure's keep from the loss curves (:class:`osscar_opt.budget.CostTarget`).
+* ``curves`` (allocated): every structure's keep from the loss curves (:class:`osscar_opt.budget.CostTarget`);
+* ``search``: the allocated keeps, then searched at the same cost on the model's output
+  (:class:`osscar_opt.allocation_search.AllocationSearch`, ``--search-evaluations`` candidates
+  scored on ``--search-samples`` samples of every 10th calibration article, which no mode
+  calibrates on; the images after the calibration images for vision models);
+* ``stock``: uniform widths over the kinds the family's config can state.
 
-Both budgets are then pruned with each backend (``local-search``, ``greedy``, ``activation``; the
+Each budget is then pruned with each backend (``local-search``, ``greedy``, ``activation``; the
 budget is computed once per target and mode and re-used through ``PerLayerKeep``, so every backend
 cuts the same number of groups per layer). Reported per row: quality (embedding cosine to dense and
-retrieval top-1 for all-MiniLM-L6-v2, perplexity on held-out Shakespeare for SmolLM2-135M, digits
+retrieval top-1 for all-MiniLM-L6-v2, perplexity for SmolLM2-135M, on held-out wiki articles and on
+each unseen text (Shakespeare, docstrings, licences; their mean is the headline off the domain), digits
 test accuracy for the digits-trained ResNet18 / MobileNetV2), achieved MACs and parameters as
 fractions of dense, measured latency on the evaluation batch (median and range of 15 repeats) and the
 measured speed-up, the allocation's predicted cost fraction and (first backend of each budget) the
@@ -38,15 +44,18 @@ import torch
 
 from osscar_opt import evaluate
 from osscar_opt.adapters.registry import adapter_for
+from osscar_opt.allocation_search import SEARCH_METHODS, AllocationSearch
 from osscar_opt.budget import CostTarget, PerLayerKeep
 from osscar_opt.costs import model_cost
+from osscar_opt.data.text import DEFAULT_SOURCE
 from osscar_opt.pipeline import prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("minilm", "smollm2", "resnet18", "mobilenet_v2")
+MODELS = ("minilm", "smollm2", "resnet18", "mobilenet_v2", "resnet18_fashion", "mobilenet_v2_fashion")
 BACKENDS = ("local-search", "greedy", "activation")
-MODES = ("uniform", "curves", "stock")
+MODES = ("uniform", "curves", "search", "stock")
 DEFAULT_MODES = ("uniform", "curves")
+MODE_LABELS = {"curves": "allocated", "search": "allocated + search", "uniform": "uniform"}
 # "stock": uniform widths over the structure kinds the family's config can state
 # (adapter.config_kinds()), so stock from_pretrained reloads the result: what --uniform-widths costs.
 
@@ -68,22 +77,36 @@ class Subject:
         loaded = load_model(None if name == "minilm" else "smollm2", device="cpu")
         samples = args.minilm_samples if name == "minilm" else args.smollm2_samples
         self.model, self.tokenizer, self.batch_size = loaded.model, loaded.tokenizer, 8
-        self.calibration = text.calibration_ids(
-            loaded.tokenizer, text.load_texts(None, "calib", loaded.causal), samples, args.seq_len)
-        self.eval_data = evaluate.make_eval_data(
-            loaded.tokenizer, text.load_texts(None, "eval", loaded.causal), loaded.causal, seq_len=args.seq_len,
-            max_windows=args.perplexity_windows)
+        # every 10th calibration article is the allocation search's (every mode calibrates on the rest)
+        fit, held = text.hold_out_documents(text.load_texts(None, "calib", loaded.causal))
+        self.calibration = text.calibration_ids(loaded.tokenizer, fit, samples, args.seq_len)
+        self.search_samples = text.calibration_ids(loaded.tokenizer, held, args.search_samples, args.seq_len,
+                                                   seed=text.SEED + 1)
+        self.domains = {domain: evaluate.make_eval_data(
+            loaded.tokenizer, text.load_texts(domain, "eval", loaded.causal), loaded.causal, seq_len=args.seq_len,
+            max_windows=args.perplexity_windows) for domain in text.DOMAINS}
+        self.eval_data = self.domains[text.DEFAULT_SOURCE]
         self.quality = "perplexity" if loaded.causal else "cosine_to_dense"
-        self.dense = evaluate.evaluate_model(self.model, self.tokenizer, self.eval_data, speed=False)
+        self.dense_domains = {domain: evaluate.evaluate_model(self.model, self.tokenizer, data, speed=False)
+                              for domain, data in self.domains.items()}
+        self.dense = self.dense_domains[text.DEFAULT_SOURCE]
         self.cost_batch = {"input_ids": self.eval_data.batch["input_ids"]}
 
     def _load_vision(self, name: str, args: argparse.Namespace) -> None:
-        from osscar_opt.data import digits
+        from osscar_opt.data import digits, fashion
 
-        settings = {"resnet18": (32, 6), "mobilenet_v2": (64, 6)}[name]
-        self.model, train, self.test, _ = digits.digits_model(name, image_size=settings[0], epochs=settings[1])
+        architecture = name.removesuffix("_fashion")
+        settings = {"resnet18": (32, 6), "mobilenet_v2": (64, 6)}[architecture]
+        if name.endswith("_fashion"):  # real Fashion-MNIST (apt install dataset-fashion-mnist), trained once, cached
+            self.model, train, self.test, info = fashion.fashion_model(architecture, image_size=settings[0],
+                                                                       epochs=args.fashion_epochs)
+            origin = "cached" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"
+            print(f"{name}: Fashion-MNIST reference, test accuracy {info['test_accuracy']:.4f} ({origin})", flush=True)
+        else:
+            self.model, train, self.test, _ = digits.digits_model(name, image_size=settings[0], epochs=settings[1])
         self.model.eval()
         self.calibration = train.images[: args.vision_samples].contiguous()
+        self.search_samples = train.images[args.vision_samples: args.vision_samples + args.search_samples].contiguous()
         self.batch_size = 32
         self.quality = "accuracy"
         self.cost_batch = {"x": self.test.images[:64].contiguous()}
@@ -96,8 +119,13 @@ class Subject:
 
             result = {"accuracy": digits.accuracy(model, self.test)}
         else:
-            result = evaluate.public(evaluate.evaluate_model(model, self.tokenizer, self.eval_data, self.dense,
-                                                             speed=False))
+            domains = {domain: evaluate.public(evaluate.evaluate_model(model, self.tokenizer, data,
+                                                                       self.dense_domains[domain], speed=False))
+                       for domain, data in self.domains.items()}
+            result = dict(domains[DEFAULT_SOURCE])
+            result["domains"] = {domain: value[self.quality] for domain, value in domains.items()}
+            unseen = [value for domain, value in result["domains"].items() if domain != DEFAULT_SOURCE]
+            result["unseen_mean"] = sum(unseen) / len(unseen)
         batch = next(iter(self.cost_batch.values()))
         result["macs"] = model_cost(model, batch, "macs")
         result["params"] = model_cost(model, batch, "params")
@@ -120,7 +148,7 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
     for target_text in args.targets:
         metric, value = parse_target(target_text)
         for mode in args.modes:
-            keep, allocation, curve_seconds = None, None, 0.0
+            keep, allocation, curve_seconds, search_record = None, None, 0.0, None
             stock_kinds = getattr(adapter_for(subject.model), "config_kinds", lambda: None)()
             if mode == "stock" and stock_kinds is None:
                 print(f"  {target_text:12s} stock: {subject.name} has no config to state widths in; skipped")
@@ -131,6 +159,10 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                 if keep is None and mode == "stock":
                     budget = CostTarget(metric, value, kinds=sorted(stock_kinds), allocation="uniform",
                                         normalize=args.normalize)
+                elif keep is None and mode == "search":
+                    search = AllocationSearch(subject.search_samples, evaluations=args.search_evaluations,
+                                              method=args.search_method, seed=0)
+                    budget = CostTarget(metric, value, normalize=args.normalize, search=search)
                 elif keep is None:
                     budget = CostTarget(metric, value, allocation=mode, normalize=args.normalize,
                                         reallocate=args.reallocate and mode == "curves")
@@ -142,6 +174,13 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                 if keep is None:
                     allocation = report.settings["allocation"]
                     keep, curve_seconds = allocation["keep"], allocation["seconds"]
+                    search_record = allocation.get("search")
+                    if search_record is not None:
+                        search_record = {key: value for key, value in search_record.items() if key != "trace"} | {
+                            "trace": [[t["evaluation"], t["seconds"], t["score"], t["best"]]
+                                      for t in search_record["trace"]],
+                            "changed": sum(search_record["keep"][n] != k
+                                           for n, k in search_record["start_keep"].items())}
                 result = subject.score(model)
                 row = {
                     "model": subject.name, "method": backend, "mode": mode, "target": target_text,
@@ -154,33 +193,46 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                     "achieved_fraction": allocation["achieved_fraction"] if backend == args.backends[0] else None,
                     "prune_seconds": seconds + (0.0 if backend == args.backends[0] else curve_seconds),
                     "curve_seconds": curve_seconds, "keep": keep,
+                    "search": search_record if mode == "search" else None,
                     "stock_loadable": report.settings.get("config_describes_pruned_model"),
                 }
                 rows.append(row)
                 save()
-                print(f"  {target_text:12s} {mode:8s} {backend:13s} {subject.quality} {row[subject.quality]:.4f} "
+                unseen = f" unseen mean {row['unseen_mean']:.4f}" if "unseen_mean" in row else ""
+                print(f"  {target_text:12s} {mode:8s} {backend:13s} {subject.quality} "
+                      f"{row[subject.quality]:.4f}{unseen} "
                       f"MACs {row['macs_fraction']:.3f} params {row['params_fraction']:.3f} "
                       f"speed-up {row['speedup']:.2f} ({seconds:.0f} s)", flush=True)
+                if row["search"] is not None and backend == args.backends[0]:
+                    record = row["search"]
+                    print(f"    search: {record['metric']} {record['start_score']:.5f} -> {record['score']:.5f} "
+                          f"({record['changed']} structures changed, {record['evaluations']:.0f} evaluations, "
+                          f"{record['seconds']:.0f} s; pruned model {record['pruned_score']:.5f})", flush=True)
                 del model
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ("| model | target | budget | backend | quality | MACs | params | latency ms (range) | speed-up "
-              "| predicted | achieved | prune s | stock reload |")
-    lines = [header, "|" + "---|" * 13]
+    header = ("| model | target | budget | backend | quality | unseen mean | MACs | params | latency ms (range) | "
+              "speed-up | predicted | achieved | prune s | search: start -> searched (pruned) | stock reload |")
+    lines = [header, "|" + "---|" * 15]
     for row in rows:
         quality = row.get("perplexity", row.get("cosine_to_dense", row.get("accuracy")))
+        unseen = "-" if row.get("unseen_mean") is None else f"{row['unseen_mean']:.4f}"
         if row["method"] == "dense":
-            lines.append(f"| {row['model']} | dense | - | - | {quality:.4f} | 1 | 1 | {row['latency_ms']:.1f} "
-                         f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | 1 | - | - | - | - |")
+            lines.append(f"| {row['model']} | dense | - | - | {quality:.4f} | {unseen} | 1 | 1 | "
+                         f"{row['latency_ms']:.1f} ({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | 1 | - "
+                         "| - | - | - | - |")
             continue
+        search = row.get("search")
+        searched = "-" if not search else (f"{search['start_score']:.4f} -> {search['score']:.4f} "
+                                           f"({search['pruned_score']:.4f}), {search['seconds']:.0f} s")
         lines.append(
-            f"| {row['model']} | {row['target']} | {row['mode']} | {row['method']} | {quality:.4f} | "
+            f"| {row['model']} | {row['target']} | {row['mode']} | {row['method']} | {quality:.4f} | {unseen} | "
             f"{row['macs_fraction']:.3f} | {row['params_fraction']:.3f} | {row['latency_ms']:.1f} "
             f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | {row['speedup']:.2f} | "
             f"{row['predicted_fraction']:.3f} | "
             f"{'-' if row.get('achieved_fraction') is None else format(row['achieved_fraction'], '.3f')} | "
-            f"{row['prune_seconds']:.0f} | {_yes_no(row.get('stock_loadable'))} |"
+            f"{row['prune_seconds']:.0f} | {searched} | {_yes_no(row.get('stock_loadable'))} |"
         )
     return "\n".join(lines)
 
@@ -204,8 +256,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                                                           else "accuracy")
         for label in dict.fromkeys((r["mode"], r["method"]) for r in pruned):
             points = sorted((1 / r["macs_fraction"], r[key]) for r in pruned if (r["mode"], r["method"]) == label)
-            axis.plot([p[0] for p in points], [p[1] for p in points], "-" if label[0] == "curves" else "--",
-                      marker="o", label=f"{label[1]} {'allocated' if label[0] == 'curves' else 'uniform'}")
+            axis.plot([p[0] for p in points], [p[1] for p in points], "--" if label[0] == "uniform" else "-",
+                      marker="o", label=f"{label[1]} {MODE_LABELS.get(label[0], label[0])}")
         axis.set_title(f"{name}: dense {key} {dense[key]:.3f}")
         axis.set_xlabel("dense MACs / pruned MACs")
         axis.set_ylabel(key)
@@ -215,6 +267,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def ensure_fashion_mnist() -> None:
+    """Fashion-MNIST from Debian's package: installed with apt when missing and this runs as root,
+    else a clear refusal (before any model is trained)."""
+    import shutil
+    import subprocess
+
+    from osscar_opt.data import fashion
+
+    try:
+        fashion.folder()
+        return
+    except FileNotFoundError as missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise SystemExit(str(missing)) from None
+    print("installing Debian's dataset-fashion-mnist with apt-get ...", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True, stdout=subprocess.DEVNULL)
+    fashion.folder()
 
 
 def main() -> None:
@@ -233,6 +304,13 @@ def main() -> None:
     parser.add_argument("--vision-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--perplexity-windows", type=int, default=32)
+    parser.add_argument("--fashion-epochs", type=int, default=4,
+                        help="*_fashion models: training epochs of the reference (10,000 training images)")
+    parser.add_argument("--search-evaluations", type=int, default=64, help="mode search: candidate scores")
+    parser.add_argument("--search-samples", type=int, default=16,
+                        help="mode search: held-out samples (every 10th calibration article; images after the "
+                        "calibration images)")
+    parser.add_argument("--search-method", default="moves", choices=SEARCH_METHODS)
     parser.add_argument("--out", default="budgets", help="result file stem under benchmarks/results")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -244,6 +322,8 @@ def main() -> None:
     def save() -> None:
         path.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
 
+    if any(name.endswith("_fashion") for name in args.models):
+        ensure_fashion_mnist()
     for name in args.models:
         run_subject(Subject(name, args), args, rows, save)
     print(table(rows))
