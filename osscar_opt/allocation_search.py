@@ -205,8 +205,9 @@ def search_allocation(
     bar = tqdm(total=settings.evaluations, desc="allocation search", unit="eval", disable=not progress)
     bar.update(1)
 
-    def out_of_time() -> str | None:
-        if result.evaluations >= settings.evaluations:
+    def out_of_time(next_cost: float = 0.0) -> str | None:
+        """Why the search must stop before spending ``next_cost`` more evaluations (None: it may go on)."""
+        if result.evaluations + next_cost > settings.evaluations + 1e-9 or result.evaluations >= settings.evaluations:
             return "evaluations"
         if settings.seconds is not None and time.perf_counter() - clock >= settings.seconds:
             return "seconds"
@@ -223,6 +224,9 @@ def search_allocation(
     while (stop := out_of_time()) is None:
         spent = result.evaluations
         if settings.method == "moves":
+            if out_of_time(1.0) is not None:
+                stop = "evaluations"
+                break
             found = moves.move(best)
             if found is None:
                 stop = "no moves"
@@ -240,12 +244,16 @@ def search_allocation(
             if share < 1.0:
                 ranked = []
                 for candidate, made_by in children:
+                    if out_of_time(share) is not None:
+                        break
                     value, used = score(candidate, share)
                     ranked.append((value, candidate, made_by))
                     result.evaluations += used
                 ranked.sort(key=lambda item: item[0])
                 children = [(candidate, made_by) for _, candidate, made_by in ranked[:settings.survivors]]
             for candidate, made_by in children:
+                if out_of_time(1.0) is not None:
+                    break
                 value, used = score(candidate, 1.0)
                 result.evaluations += used
                 record(candidate, value, made_by)

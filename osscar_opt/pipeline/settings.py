@@ -233,8 +233,9 @@ def _search_batches(adapter: ModelAdapter, placement: Placement, budget: Budget,
         return None
     if placement.offload:
         raise ValueError("search: scores candidates with the whole model on the compute device; not with offload")
-    try:
-        batches = adapter.calibration_batches(search.calibration, batch_size)
+    try:  # batches of a quarter of the samples at most, so that a first share of them is whole batches
+        samples = int(search.calibration.shape[0]) if hasattr(search.calibration, "shape") else batch_size
+        batches = adapter.calibration_batches(search.calibration, max(1, min(batch_size, samples // 4)))
     except ValueError as error:
         raise ValueError(f"search calibration: {error}") from None
     samples = sum(int(batch.shape[0]) for batch in batches)
