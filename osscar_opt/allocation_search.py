@@ -86,6 +86,7 @@ class AllocationSearch:
 
 
 def check_positive_int(value: object, name: str) -> int:
+    """``value`` when it is a positive integer (bools refused), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return value

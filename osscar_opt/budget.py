@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from osscar_opt.allocation_search import AllocationSearch
+from osscar_opt.allocation_search import AllocationSearch, check_positive_int
 
 KINDS: tuple[str, ...] = ("heads", "kv_groups", "q_heads", "neurons", "channels")
 """Structure kinds: attention heads, GQA key-value groups, query heads inside each KV group (a
@@ -30,9 +30,7 @@ already ``head_dim`` (64, 128...) columns wide, so any head count gives aligned 
 
 def check_multiple_of(value: object, name: str = "multiple_of") -> int:
     """A positive integer (the width kept neurons and channels are rounded to a multiple of)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return value
+    return check_positive_int(value, name)
 
 
 def aligned_keep(keep: int, num_groups: int, multiple: int, name: str = "") -> int:
@@ -239,18 +237,24 @@ class CostTarget:
                              f"{latency_timer!r}")
         self.latency_timer = latency_timer
         self.multiple_of = check_multiple_of(multiple_of)
+        self.search: AllocationSearch | None = None
+        self.set_search(search)
+        self.allocation: dict[str, int] | None = None
+
+    def set_search(self, search: AllocationSearch | None) -> None:
+        """Search this target's allocation with ``search`` (None: the program's keeps), checked
+        against the target's other settings."""
         if search is not None and not isinstance(search, AllocationSearch):
             raise ValueError(f"search: expected an AllocationSearch or None, got {search!r}")
-        if search is not None and allocation == "uniform":
+        if search is not None and self.mode == "uniform":
             raise ValueError("search: starts from the curves' allocation, not allocation='uniform'")
-        if search is not None and "q_heads" in chosen:
+        if search is not None and "q_heads" in self.pruned_kinds:
             raise ValueError("search: candidates are assembled one consumer per structure, and q_heads share theirs "
                              "with kv_groups; search without q_heads in kinds")
-        if search is not None and reallocate:
+        if search is not None and self.reallocate:
             raise ValueError("search: searches one allocation of the whole model; reallocate would replace it "
                              "stage by stage; give one or the other")
         self.search = search
-        self.allocation: dict[str, int] | None = None
 
     @property
     def cost_metric(self) -> str:

@@ -145,7 +145,7 @@ def attach_search(target, flags: dict[str, Any] | None, samples: Any) -> None:
 
     if flags is not None:
         options = {key: value for key, value in flags.items() if key != "samples"}
-        target.search = AllocationSearch(samples, **options)
+        target.set_search(AllocationSearch(samples, **options))
 
 
 def check_target_flags(args: argparse.Namespace, target) -> None:

@@ -306,7 +306,6 @@ def calibration_ids(
     return windows
 
 
-
 def load_sources(specs: list[str | None], part: str = "calib", causal: bool = False,
                  name: str = "calib_text") -> list[list[str]]:
     """:func:`load_texts` of every source of ``specs`` (each read and checked before any model runs;

@@ -191,9 +191,13 @@ class Allocator:
         """Search keeps at the same cost, scored on the model's output (:mod:`osscar_opt.allocation_search`),
         from the dynamic program's allocation; the model is dense again afterwards."""
         adapter, supernet = self.adapter, self.supernet
-        inputs = ((lambda batch: {"kwargs": adapter.model_inputs(batch)}) if hasattr(adapter, "model_inputs")
-                  else None)
-        self.scorer = OutputScorer(adapter.model, self.settings.search_batches, inputs)
+        model = adapter.model
+        if hasattr(adapter, "model_inputs"):  # transformers: token ids, every position attended
+            def forward(batch: torch.Tensor) -> Any:
+                return model(**adapter.model_inputs(batch))
+        else:
+            forward = model
+        self.scorer = OutputScorer(forward, self.settings.search_batches)
 
         def score(keep: dict[str, int], share: float) -> tuple[float, float]:
             supernet.assemble(keep)
@@ -313,8 +317,7 @@ class Allocator:
         measured = {**self.achieved(), "at_floor": self.at_floor()} if achieved else {}
         search = None if self.search is None else dict(self.search)
         if achieved and search is not None:  # the pruned model (re-fit on its own inputs) on the same samples
-            with torch.no_grad():
-                search["pruned_score"] = self.scorer.score(1.0)[0]
+            search["pruned_score"] = self.scorer.score(1.0)[0]
         return {
             **measured, **self.target.to_dict(), "metric": self.metric, "dense_cost": self.dense_cost,
             "capacity": self.capacity, "predicted_cost": predicted,

@@ -19,7 +19,7 @@ for models with logits, ``1 - cosine`` of mean-pooled embeddings for encoders.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -96,39 +96,31 @@ class Supernet:
 class OutputScorer:
     """The model's output distance to the dense model's on the search's held-out batches.
 
-    The dense outputs are recorded when the scorer is made (before any candidate is assembled):
-    log-probabilities for models with logits (``(samples, positions, vocabulary)`` float32: 16
-    samples of 128 tokens of a 49k vocabulary hold 400 MB), unit mean-pooled embeddings for
-    encoders.
+    ``forward(batch)`` runs the whole model on one batch. The dense outputs are recorded when the
+    scorer is made (before any candidate is assembled): log-probabilities for models with logits
+    (``(samples, positions, vocabulary)`` float32: 16 samples of 128 tokens of a 49k vocabulary hold
+    400 MB), unit mean-pooled embeddings for encoders.
     """
 
-    def __init__(self, model: nn.Module, batches: list[torch.Tensor], inputs: Any = None) -> None:
-        self.model = model
+    def __init__(self, forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> None:
+        self.forward = forward
         self.batches = batches
-        self.inputs = inputs if inputs is not None else (lambda batch: {"args": (batch,)})
         self.samples = sum(int(b.shape[0]) for b in batches)
-        self.metric = ""
-        self.references = [self._reference(self._forward(batch)) for batch in batches]
-
-    def _forward(self, batch: torch.Tensor) -> Any:
-        arguments = self.inputs(batch)
         with torch.no_grad():
-            return self.model(*arguments.get("args", ()), **arguments.get("kwargs", {}))
-
-    def _reference(self, output: Any) -> torch.Tensor:
-        metric, value = _comparable(output)
-        self.metric = metric
-        return value
+            dense = [_comparable(forward(batch)) for batch in batches]
+        self.metric = dense[0][0]
+        self.references = [value for _, value in dense]
 
     def score(self, share: float = 1.0) -> tuple[float, float]:
         """The mean distance on the first ``share`` of the batches (at least one) and the share of
         the samples it used."""
         count = max(1, min(len(self.batches), math.ceil(share * len(self.batches) - 1e-9)))
         total, weight, used = 0.0, 0, 0
-        for batch, reference in zip(self.batches[:count], self.references[:count], strict=True):
-            metric, value = _comparable(self._forward(batch))
-            distance, items = _distance(metric, reference, value)
-            total, weight, used = total + distance, weight + items, used + int(batch.shape[0])
+        with torch.no_grad():
+            for batch, reference in zip(self.batches[:count], self.references[:count], strict=True):
+                metric, value = _comparable(self.forward(batch))
+                distance, items = _distance(metric, reference, value)
+                total, weight, used = total + distance, weight + items, used + int(batch.shape[0])
         return total / max(weight, 1), used / self.samples
 
 
