@@ -174,6 +174,11 @@ class CostTarget:
         search: an :class:`~osscar_opt.allocation_search.AllocationSearch`: after the dynamic program,
             search keeps at the same cost scored on the model's output on its held-out samples
             (docs/targets.md, "Searching the allocation"); None (default): the program's keeps.
+        allow_empty: a keep of 0 joins every structure's keep grid where the family can remove the
+            whole sublayer (an attention layer or MLP: :mod:`osscar_opt.formulations.empty`), so the
+            allocation (and its search) may remove it; below ``min_keep`` the grid has only 0.
+            ``pipeline.prune`` refuses it for a model none of whose targeted structures can be
+            emptied, naming the family. Default False.
     """
 
     def __init__(
@@ -192,6 +197,7 @@ class CostTarget:
         latency_timer: Callable[..., float] | None = None,
         multiple_of: int = 1,
         search: AllocationSearch | None = None,
+        allow_empty: bool = False,
     ) -> None:
         if metric not in TARGET_METRICS:
             raise ValueError(f"metric: expected one of {list(TARGET_METRICS)}, got {metric!r}")
@@ -220,6 +226,8 @@ class CostTarget:
             raise ValueError(f"curve_swaps: expected a non-negative integer or None, got {curve_swaps!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: expected one of {list(ALLOCATIONS)}, got {allocation!r}")
+        if allow_empty is True and allocation == "uniform":
+            raise ValueError("allow_empty: removes whole sublayers in some layers only; not with allocation='uniform'")
         if reallocate and allocation == "uniform":
             raise ValueError("reallocate: applies to allocation='curves' only, got allocation='uniform'")
         self.mode = allocation
@@ -237,6 +245,9 @@ class CostTarget:
                              f"{latency_timer!r}")
         self.latency_timer = latency_timer
         self.multiple_of = check_multiple_of(multiple_of)
+        if not isinstance(allow_empty, bool):
+            raise ValueError(f"allow_empty: expected True or False, got {allow_empty!r}")
+        self.allow_empty = allow_empty
         self.search: AllocationSearch | None = None
         self.set_search(search)
         self.allocation: dict[str, int] | None = None
@@ -279,7 +290,7 @@ class CostTarget:
             "target": self.metric, "value": self.value, "kinds": sorted(self.pruned_kinds),
             "min_keep": self.min_keep, "grid": self.grid, "normalize": self.normalize,
             "reallocate": self.reallocate, "allocation": self.mode, "multiple_of": self.multiple_of,
-            "search": None if self.search is None else self.search.to_dict(),
+            "search": None if self.search is None else self.search.to_dict(), "allow_empty": self.allow_empty,
         }
 
     def __repr__(self) -> str:
@@ -306,8 +317,9 @@ class PerLayerKeep:
         if not isinstance(keep, Mapping):
             raise ValueError(f"keep: expected a mapping of structure name to kept groups, got {keep!r}")
         for name, count in keep.items():
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"keep[{name!r}]: expected a positive integer, got {count!r}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"keep[{name!r}]: expected a non-negative integer (0 empties the sublayer, where "
+                                 f"its family can), got {count!r}")
         self.counts = dict(keep)
 
     def keep(self, name: str, kind: str, num_groups: int) -> int | None:

@@ -132,13 +132,14 @@ def check_metric(metric: str) -> str:
 
 def cut_copy(stage: Stage, position: int | dict[int, int], keep: int | None = None) -> nn.Module:
     """A deep copy of ``stage.module`` whose structure at ``position`` keeps its first ``keep``
-    groups (of every block, as a budget counts them); ``position`` may instead map several
-    positions to their keeps."""
+    groups (of every block, as a budget counts them; 0 empties its sublayer where it can be);
+    ``position`` may instead map several positions (in the uncut stage) to their keeps."""
     cuts = dict(position) if isinstance(position, dict) else {position: keep}
+    names = [structure.name for structure in stage.structures(stage.module)]
     module = copy.deepcopy(stage.module)
     for index, count in cuts.items():
-        structure = stage.structures(module)[index]
-        if count < structure.budget_groups:
+        structure = next((s for s in stage.structures(module) if s.name == names[index]), None)
+        if structure is not None and count < structure.budget_groups:
             W = structure.weight()
             kept = structure.first_groups(count)
             columns = rows_for(structure.groups, kept).to(W.device)
@@ -292,7 +293,8 @@ class StageCoster:
             one = self._measure({position: 1}) if n > 1 else full
             per_group = (full - one) / (n - 1) if n > 1 else 0.0
             return [-(n - k) * per_group for k in keeps]
-        points = sorted({max(1, round(n * j / (LATENCY_POINTS - 1))) for j in range(LATENCY_POINTS)} | {n})
+        lowest = 0 if min(keeps) == 0 else 1  # an emptied sublayer is timed as such
+        points = sorted({max(lowest, round(n * j / (LATENCY_POINTS - 1))) for j in range(LATENCY_POINTS)} | {n})
         return self.latency_table(position, points).costs(keeps)
 
     def interaction(self, first: int, second: int) -> float:

@@ -114,13 +114,15 @@ def loss_curve(
     name: str = "",
     kind: str = "",
 ) -> Curve:
-    """The curve of ``problem`` at ``keeps`` (each in ``[1, num_groups]``) by one warm-started descent.
+    """The curve of ``problem`` at ``keeps`` (each in ``[0, num_groups]``) by one warm-started descent.
 
-    ``swaps``: swap moves tried at each point (0: staged removal only, the greedy path).
+    ``swaps``: swap moves tried at each point (0: staged removal only, the greedy path). A keep of
+    0 (an emptied sublayer) has the empty support: its point is the layer's whole target energy
+    (less what a re-fit bias explains), held out under ``damp="auto"``.
     """
     keeps = sorted({int(k) for k in keeps})
-    if not keeps or keeps[0] < 1 or keeps[-1] > problem.num_groups:
-        raise ValueError(f"keeps: expected counts in [1, {problem.num_groups}], got {keeps}")
+    if not keeps or keeps[0] < 0 or keeps[-1] > problem.num_groups or keeps == [0]:
+        raise ValueError(f"keeps: expected counts in [0, {problem.num_groups}], at least one positive, got {keeps}")
     state = KeptSet(problem, range(problem.num_groups), device=device, dtype=dtype)
     dead = torch.zeros(problem.num_groups, dtype=torch.bool, device=state.device)
     dead_ids = problem.dead_groups()
@@ -128,8 +130,8 @@ def loss_curve(
         dead[dead_ids] = True
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     search = SwapSearch(state, dead, swap_candidates=swap_candidates, refresh_every=64, tolerance=tolerance)
-    supports: dict[int, tuple[int, ...]] = {}
-    for keep in reversed(keeps):
+    supports: dict[int, tuple[int, ...]] = {0: ()}
+    for keep in reversed([k for k in keeps if k > 0]):
         removal = len(state.support()) - keep
         if removal > 0:
             staged_removal(state, keep, min(removal, STAGES_PER_POINT), dead, None)

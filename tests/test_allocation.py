@@ -307,10 +307,18 @@ def test_curve_of_a_problem_with_held_out_moments_is_the_held_out_error():
             assert value != pytest.approx(problem.loss(support) / problem.c0, rel=1e-6)
 
 
-@pytest.mark.parametrize("keeps", [[], [0, 2], [2, 99]])
+@pytest.mark.parametrize("keeps", [[], [-1, 2], [0], [2, 99]])
 def test_curve_keeps_out_of_range_are_refused(problem, keeps):
     with pytest.raises(ValueError, match="keeps"):
         loss_curve(problem, keeps)
+
+
+def test_a_curve_point_at_keep_0_is_the_whole_output_energy(problem):
+    curve = loss_curve(problem, [0, 2, problem.num_groups])
+    assert curve.keeps[0] == 0 and curve.supports[0] == ()
+    assert curve.relative[0] == pytest.approx(problem.loss(()) / problem.c0) == pytest.approx(1.0)
+    assert curve.relative[1] < curve.relative[0]
+    assert curve.supports[1] == loss_curve(problem, [2, problem.num_groups]).supports[0]  # 0 changes nothing else
 
 
 def test_normalize_sets_the_weight():

@@ -36,6 +36,7 @@ from osscar_opt.adapters.base import size_setter
 from osscar_opt.adapters.decoder import decoder_blocks, head_dim_of, norm_size, warn_unlisted
 from osscar_opt.adapters.transformer import TransformerAdapter
 from osscar_opt.formulations.attention import kv_group_structure, query_head_structure
+from osscar_opt.formulations.empty import is_empty, replace_sublayer
 from osscar_opt.formulations.mlp import neuron_structure
 from osscar_opt.formulations.structures import Structure
 
@@ -53,12 +54,38 @@ def _linears(module: nn.Module | None, names: tuple[str, ...]) -> bool:
 
 
 def has_llama_layout(model: nn.Module) -> bool:
-    """True when every decoder block has ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` Linears."""
+    """True when every decoder block has ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``
+    Linears (or, after pruning, an emptied sublayer in their place)."""
     blocks = decoder_blocks(model)
     return blocks is not None and all(
-        _linears(getattr(block, "self_attn", None), ATTENTION_PARTS)
-        and _linears(getattr(block, "mlp", None), MLP_PARTS) for block in blocks
+        (is_empty(getattr(block, "self_attn", None)) or _linears(getattr(block, "self_attn", None), ATTENTION_PARTS))
+        and (is_empty(getattr(block, "mlp", None)) or _linears(getattr(block, "mlp", None), MLP_PARTS))
+        for block in blocks
     )
+
+
+def sublayer_norms(block: nn.Module, sublayer: str) -> tuple[list[str], list[str]]:
+    """The block's norms that go with its ``"attention"`` or ``"mlp"`` sublayer, as ``(pre, post)``:
+    norms that feed only the sublayer, and norms that normalize only its output before the
+    residual addition. Read from the norms the block has (the layouts of :data:`LAYOUT_TYPES`):
+
+    * ``input_layernorm`` and ``post_attention_layernorm`` only (LLaMA, Qwen, Mistral, Granite):
+      pre-norms of attention and of the MLP;
+    * with ``pre_feedforward_layernorm`` (Gemma 2 / 3): ``post_attention_layernorm`` and
+      ``post_feedforward_layernorm`` are the sublayers' post-norms;
+    * without ``input_layernorm`` (OLMo 2 / 3): ``post_attention_layernorm`` and
+      ``post_feedforward_layernorm`` are post-norms and there is no pre-norm.
+    """
+    names = {name for name, _ in block.named_children()}
+    pre_norm = "input_layernorm" in names
+    sandwich = "pre_feedforward_layernorm" in names
+    post = "post_feedforward_layernorm" in names
+    if sublayer == "attention":
+        return (["input_layernorm"] if pre_norm else []), (
+            ["post_attention_layernorm"] if (sandwich or not pre_norm) and "post_attention_layernorm" in names else [])
+    mlp_pre = ["pre_feedforward_layernorm"] if sandwich else (
+        ["post_attention_layernorm"] if pre_norm and "post_attention_layernorm" in names and not post else [])
+    return mlp_pre, (["post_feedforward_layernorm"] if post else [])
 
 
 class LlamaAdapter(TransformerAdapter):
@@ -97,12 +124,17 @@ class LlamaAdapter(TransformerAdapter):
 
     def attention(self, block: nn.Module, prefix: str) -> Structure | None:
         attention = block.self_attn
-        if self.whole_width_norm(attention) is not None:
+        if is_empty(attention) or self.whole_width_norm(attention) is not None:
             return None
-        return kv_group_structure(
+        structure = kv_group_structure(
             f"{prefix}.self_attn.o_proj", attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
             self.head_dim(attention),
         )
+        pre, post = sublayer_norms(block, "attention")
+        structure.on_empty = replace_sublayer(
+            block, "self_attn", hidden=attention.o_proj.out_features, pre_norms=pre, post_norms=post, attention=True,
+            head_dim=self.head_dim(attention), layer_idx=getattr(attention, "layer_idx", None))
+        return structure
 
     def gqa(self) -> bool:
         """True when the model has fewer key-value heads than query heads (in its dense config)."""
@@ -111,7 +143,7 @@ class LlamaAdapter(TransformerAdapter):
 
     def query_heads(self, block: nn.Module, prefix: str) -> Structure | None:
         attention = block.self_attn
-        if not self.gqa() or self.whole_width_norm(attention) is not None:
+        if is_empty(attention) or not self.gqa() or self.whole_width_norm(attention) is not None:
             return None
         head_dim = self.head_dim(attention)
         kv_heads = attention.k_proj.out_features // head_dim
@@ -123,10 +155,28 @@ class LlamaAdapter(TransformerAdapter):
         )
 
     # ---------------------------------------------------------------- MLP
-    def mlp(self, block: nn.Module, prefix: str) -> Structure:
+    def mlp(self, block: nn.Module, prefix: str) -> Structure | None:
         mlp = block.mlp
+        if is_empty(mlp):
+            return None
         resize = size_setter(mlp, intermediate_size=1) if hasattr(mlp, "intermediate_size") else None
-        return neuron_structure(f"{prefix}.mlp.down_proj", [mlp.gate_proj, mlp.up_proj], mlp.down_proj, resize)
+        structure = neuron_structure(f"{prefix}.mlp.down_proj", [mlp.gate_proj, mlp.up_proj], mlp.down_proj, resize)
+        pre, post = sublayer_norms(block, "mlp")
+        structure.on_empty = replace_sublayer(block, "mlp", hidden=mlp.down_proj.out_features, pre_norms=pre,
+                                              post_norms=post)
+        return structure
+
+    def empty_dims(self, block: nn.Module) -> dict[str, int]:
+        """Widths of the block's emptied sublayers: 0 KV groups (and query heads) for an emptied
+        attention, 0 neurons for an emptied MLP."""
+        dims = {}
+        if is_empty(block.self_attn):
+            dims["attention_groups"] = 0
+            if self.gqa():
+                dims["query_heads"] = 0
+        if is_empty(block.mlp):
+            dims["mlp_neurons"] = 0
+        return dims
 
     # ---------------------------------------------------------------- config
     def config_fields(self, dims) -> dict[str, int] | None:

@@ -94,8 +94,8 @@ class TransformerAdapter(ModelAdapter):
         the model has no GQA (one query head per key-value head)."""
         return None
 
-    def mlp(self, block: nn.Module, prefix: str) -> Structure:
-        """The MLP neuron structure of ``block``."""
+    def mlp(self, block: nn.Module, prefix: str) -> Structure | None:
+        """The MLP neuron structure of ``block`` (None once the MLP was emptied)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- stages
@@ -222,9 +222,16 @@ class TransformerAdapter(ModelAdapter):
                  "mlp_neurons": self.mlp(block, "")}
         return {key: structure for key, structure in found.items() if structure is not None}
 
+    def empty_dims(self, block: nn.Module) -> dict[str, int]:
+        """The widths of ``block``'s emptied sublayers (0 each, :mod:`~osscar_opt.formulations.empty`),
+        by the keys of :meth:`block_dims`; none in families whose sublayers cannot be emptied."""
+        return {}
+
     def block_dims(self, block: nn.Module) -> dict[str, int]:
-        """Per-block widths: kept attention groups, query heads per KV group (GQA), MLP neurons."""
-        return {key: structure.budget_groups for key, structure in self._dim_structures(block).items()}
+        """Per-block widths: kept attention groups, query heads per KV group (GQA), MLP neurons (0
+        for an emptied sublayer)."""
+        return {**self.empty_dims(block),
+                **{key: structure.budget_groups for key, structure in self._dim_structures(block).items()}}
 
     def dims(self) -> list[dict[str, int]]:
         """Dimensions of every block, for the saved metadata."""
@@ -279,9 +286,10 @@ class TransformerAdapter(ModelAdapter):
 
     def remote_code_rebuilds(self) -> bool:
         """Whether the saved folder's remote-code module (:mod:`osscar_opt.io.remote_code`, which sets
-        parameter shapes and numeric module attributes) rebuilds the model as it is now; where not,
-        the folder reloads with :func:`osscar_opt.load_pruned` only."""
-        return True
+        parameter shapes and numeric module attributes) rebuilds the model as it is now; where not
+        (an emptied sublayer is a module of another class), the folder reloads with
+        :func:`osscar_opt.load_pruned` only."""
+        return not any(self.empty_dims(block) for block in self.blocks())
 
     def sync_config(self) -> bool:
         """Write :meth:`stock_config_fields` into ``model.config`` so it describes the pruned model
@@ -301,7 +309,9 @@ class TransformerAdapter(ModelAdapter):
         block's keys (:meth:`block_dims`; ``query_heads`` may be missing in folders saved before
         that kind existed, and then stays dense), each an integer from 1 to the model's current
         (dense) width; anything else is a ValueError (nothing is allocated for a width the dense
-        model lacks). Widths are restored in pruning order (KV groups before query heads)."""
+        model lacks). A width of 0 (an emptied sublayer) is accepted where the family can empty that
+        structure (and for the query heads of an emptied attention). Widths are restored in pruning
+        order (KV groups before query heads)."""
         from osscar_opt.formulations import surgery
 
         blocks = self.blocks()
@@ -314,12 +324,15 @@ class TransformerAdapter(ModelAdapter):
             if not isinstance(entry, Mapping) or not required <= set(entry) <= set(dense):
                 raise ValueError(f"dims: block {index} must be {{{', '.join(f'{k!r}: int' for k in dense)}}}, "
                                  f"got {entry!r}")
+            structures = self._dim_structures(block)
             for key, value in entry.items():
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[key]:
-                    raise ValueError(f"dims: block {index} {key} = {value!r}; expected an integer from 1 to "
+                emptiable = structures[key].can_empty or (key == "query_heads" and entry.get("attention_groups") == 0)
+                lowest = 0 if emptiable else 1
+                if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= dense[key]:
+                    raise ValueError(f"dims: block {index} {key} = {value!r}; expected an integer from {lowest} to "
                                      f"{dense[key]} (the dense model's width)")
         for block, entry in zip(blocks, dims, strict=True):
             for key in self.block_dims(block):
-                structure = self._dim_structures(block)[key]  # re-derived: KV groups change the query heads'
-                if key in entry and entry[key] != structure.budget_groups:
+                structure = self._dim_structures(block).get(key)  # re-derived: KV groups change the query heads'
+                if structure is not None and key in entry and entry[key] != structure.budget_groups:
                     surgery.resize_empty(structure, entry[key])

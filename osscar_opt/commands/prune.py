@@ -216,6 +216,9 @@ def _uniform_widths(budgets: Any, adapter: Any, heads_given: bool) -> Any:
     if isinstance(budgets, CostTarget):
         if budgets.reallocate:
             raise ValueError("--reallocate: re-allocation makes widths differ per block; not with --uniform-widths")
+        if budgets.allow_empty:
+            raise ValueError("--allow-empty: removes sublayers in some blocks only, so widths differ per block; not "
+                             "with --uniform-widths")
         refused = sorted(set(budgets.kinds()) & (present - expressible))
         if refused and heads_given:
             raise ValueError(f"--uniform-widths: this {adapter.architecture} model's config cannot state a pruned "

@@ -30,6 +30,10 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-keep", type=float, default=None, metavar="FRACTION",
                         help="with a target: fraction of every structure's groups always kept (default "
                         f"{DEFAULT_MIN_KEEP:g}; 0: down to one group)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="with a target: a structure may keep no group, removing its whole attention layer or MLP "
+                        "where the family can (LLaMA layout); the saved model then reloads with osscar_opt.load_pruned "
+                        "and exports to GGUF as deci")
     parser.add_argument("--multiple-of", type=int, default=None, metavar="N",
                         help="kept neurons and channels in multiples of N (uniform sparsities and targets alike; "
                         "heads and KV groups as asked), for the kernels of serving engines (e.g. 32 for GGUF q8_0)")
@@ -92,7 +96,7 @@ def cost_target(args: argparse.Namespace, uniform_flags: tuple[str, ...]):
         raise ValueError("--search-evaluations and --reallocate: the search chooses one allocation of the whole model, "
                          "reallocation replaces it block by block; give one or the other")
     return CostTarget(metric, value, kinds=kinds, min_keep=min_keep, normalize=args.normalize,
-                      reallocate=args.reallocate, latency_cache=args.latency_cache)
+                      reallocate=args.reallocate, latency_cache=args.latency_cache, allow_empty=args.allow_empty)
 
 
 def multiple_of_flag(args: argparse.Namespace) -> int:
@@ -156,7 +160,7 @@ def check_target_flags(args: argparse.Namespace, target) -> None:
                                  "--target-macs, --target-params or --target-speedup")
         for flag, default in (("target_kinds", None), ("min_keep", None), ("normalize", DEFAULT_NORMALIZATION),
                               ("reallocate", False), ("workers", None), ("ray", None), ("strict_target", False),
-                              ("latency_cache", "use")):
+                              ("latency_cache", "use"), ("allow_empty", False)):
             if getattr(args, flag) != default:
                 raise ValueError(f"--{flag.replace('_', '-')}: applies only with --target-macs, --target-params "
                                  "or --target-speedup")
@@ -215,9 +219,13 @@ def describe_allocation(allocation: dict[str, Any]) -> str:
                  f"(stopped: {search['stopped']})")
         if "pruned_score" in search:
             text += f"; the pruned model, re-fit on its own inputs: {search['pruned_score']:.5f}"
+    emptied = allocation.get("emptied") or []
+    if emptied:
+        shown = ", ".join(emptied[:4]) + (f" and {len(emptied) - 4} more" if len(emptied) > 4 else "")
+        text += f"\n{len(emptied)} sublayers removed whole (--allow-empty): {shown}"
     floor = allocation.get("at_floor") or []
     if floor:
         shown = ", ".join(floor[:4]) + (f" and {len(floor) - 4} more" if len(floor) > 4 else "")
         text += (f"\n{len(floor)} structures sit at their smallest allowed keep (min_keep {allocation['min_keep']:g}, "
-                 f"at least one group): {shown}")
+                 f"{'or removed' if allocation.get('allow_empty') else 'at least one group'}): {shown}")
     return text

@@ -10,6 +10,17 @@ optional Q / K / V / output and MLP biases (Qwen2's Q / K / V biases). The head 
 (``attention.key_length`` / ``value_length`` / ``rope.dimension_count``) because llama.cpp
 would otherwise derive it from ``embedding_length / head_count`` of the first block.
 
+Emptied sublayers (``allow_empty``, :mod:`osscar_opt.formulations.empty`) are written as ``deci``
+blocks with a head count of 0: llama.cpp's deci loader then creates no attention tensors and its
+graph skips attention there (Nemotron-51B's attention-free layers). Two cases llama.cpp's deci
+cannot say are written as exact zero sublayers instead (checked against torch in the tests): an
+emptied attention in block 0 (llama.cpp reads the head size only when block 0 has heads) becomes one
+head whose projections are zero, and an emptied MLP in a block that keeps its attention becomes one
+neuron whose projections are zero (at a feed-forward length of 0 llama.cpp's deci graph skips the
+rest of the block, attention output included); both add exactly 0 to the residual stream, and the
+plan's notes say so. An emptied sublayer that kept a bias (a constant added to the residual
+stream) has no place there and is refused.
+
 Rotary embeddings: llama.cpp's ``llama`` and ``deci`` rotate adjacent pairs of a head's
 dimensions, transformers rotates dimension ``i`` with ``i + head_dim / 2``; the rows of ``q_proj``
 and ``k_proj`` (weights and biases) are therefore reordered per head, with each block's own head
@@ -32,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from osscar_opt.formulations.empty import is_empty
 
 OUTTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
@@ -124,10 +137,11 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
     base = model.base_model
     if getattr(config, "hidden_act", "silu") != "silu":
         raise _refuse(f"activation {config.hidden_act!r} (llama.cpp's llama / deci use SiLU)")
-    head_dims = {int(block.self_attn.head_dim) for block in base.layers}
-    if len(head_dims) != 1:
+    head_dims = {int(block.self_attn.head_dim) for block in base.layers if not is_empty(block.self_attn)}
+    if len(head_dims) > 1:
         raise _refuse(f"head sizes differ between blocks ({sorted(head_dims)})")
-    head_dim = head_dims.pop()
+    head_dim = head_dims.pop() if head_dims else int(getattr(config, "head_dim", None)
+                                                      or config.hidden_size // config.num_attention_heads)
     if head_dim % 2:
         raise _refuse(f"odd head size {head_dim} (rotary embeddings rotate pairs)")
     plan = GGUFPlan("llama", head_dim, [])
@@ -139,29 +153,36 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
 
     add("token_embd.weight", base.embed_tokens.weight)
     for index, block in enumerate(base.layers):
-        attention, mlp = block.self_attn, block.mlp
-        q, k, v, o = (_linear(getattr(attention, part), f"layer {index} {part}")
-                      for part in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        gate, up, down = (_linear(getattr(mlp, part), f"layer {index} {part}") for part in ("gate_proj", "up_proj",
-                                                                                             "down_proj"))
-        widths = LayerWidths(q.out_features // head_dim, k.out_features // head_dim, gate.out_features)
-        if widths.heads % max(widths.kv_heads, 1) or v.out_features != k.out_features:
-            raise _refuse(f"layer {index} has {widths.heads} query heads over {widths.kv_heads} key-value heads")
-        plan.layers.append(widths)
         prefix = f"blk.{index}"
-        add(f"{prefix}.attn_norm.weight", block.input_layernorm.weight)
-        for part, gguf_name, heads in ((q, "attn_q", widths.heads), (k, "attn_k", widths.kv_heads)):
-            add(f"{prefix}.{gguf_name}.weight", _rotary_order(part.weight.detach(), heads))
-            names[id(part.weight)] = f"{prefix}.{gguf_name}.weight"
-            if part.bias is not None:
-                add(f"{prefix}.{gguf_name}.bias", _rotary_order(part.bias.detach(), heads))
-                names[id(part.bias)] = f"{prefix}.{gguf_name}.bias"
-        for part, gguf_name in ((v, "attn_v"), (o, "attn_output"), (gate, "ffn_gate"), (up, "ffn_up"),
-                                (down, "ffn_down")):
-            add(f"{prefix}.{gguf_name}.weight", part.weight)
-            if part.bias is not None:
-                add(f"{prefix}.{gguf_name}.bias", part.bias)
-        add(f"{prefix}.ffn_norm.weight", block.post_attention_layernorm.weight)
+        widths = LayerWidths(0, 0, 0)
+        if not is_empty(block.self_attn):
+            widths.heads, widths.kv_heads = _add_attention(block, index, head_dim, add, names)
+            add(f"{prefix}.attn_norm.weight", block.input_layernorm.weight)
+        elif block.self_attn.bias is not None:
+            raise _refuse(f"layer {index}'s removed attention adds a bias, which llama.cpp's deci cannot")
+        elif index == 0:
+            widths.heads = widths.kv_heads = 1
+            _add_zero_attention(prefix, int(config.hidden_size), head_dim, add)
+            plan.notes.append("block 0's removed attention written as one head of zeros (llama.cpp reads the head "
+                              "size from block 0)")
+        if not is_empty(block.mlp):
+            mlp = block.mlp
+            gate, up, down = (_linear(getattr(mlp, part), f"layer {index} {part}")
+                              for part in ("gate_proj", "up_proj", "down_proj"))
+            widths.neurons = gate.out_features
+            for part, gguf_name in ((gate, "ffn_gate"), (up, "ffn_up"), (down, "ffn_down")):
+                add(f"{prefix}.{gguf_name}.weight", part.weight)
+                if part.bias is not None:
+                    add(f"{prefix}.{gguf_name}.bias", part.bias)
+            add(f"{prefix}.ffn_norm.weight", block.post_attention_layernorm.weight)
+        elif block.mlp.bias is not None:
+            raise _refuse(f"layer {index}'s removed MLP adds a bias, which llama.cpp's deci cannot")
+        elif widths.heads > 0:
+            widths.neurons = 1
+            _add_zero_mlp(prefix, int(config.hidden_size), add)
+            plan.notes.append(f"block {index}'s removed MLP written as one neuron of zeros (llama.cpp's deci skips "
+                              "the rest of a block without one)")
+        plan.layers.append(widths)
     add("output_norm.weight", base.norm.weight)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not base.embed_tokens.weight:
@@ -171,7 +192,7 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
     unplaced = [name for name, parameter in model.named_parameters() if id(parameter) not in names]
     if unplaced:
         raise _refuse(f"parameters without a place in llama.cpp's llama / deci: {', '.join(unplaced[:5])}")
-    if any(widths != plan.layers[0] for widths in plan.layers):
+    if any(widths != plan.layers[0] or 0 in (widths.heads, widths.neurons) for widths in plan.layers):
         plan.arch = "deci"
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
@@ -181,6 +202,44 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
     if note:
         plan.notes.append(note)
     return plan
+
+
+def _add_attention(block: nn.Module, index: int, head_dim: int, add, names: dict[int, str]) -> tuple[int, int]:
+    """Plan block ``index``'s attention tensors (Q / K rows in llama.cpp's rotary order); its
+    query and key-value head counts."""
+    attention = block.self_attn
+    q, k, v, o = (_linear(getattr(attention, part), f"layer {index} {part}")
+                  for part in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    if heads % max(kv_heads, 1) or v.out_features != k.out_features:
+        raise _refuse(f"layer {index} has {heads} query heads over {kv_heads} key-value heads")
+    prefix = f"blk.{index}"
+    for part, gguf_name, count in ((q, "attn_q", heads), (k, "attn_k", kv_heads)):
+        add(f"{prefix}.{gguf_name}.weight", _rotary_order(part.weight.detach(), count))
+        names[id(part.weight)] = f"{prefix}.{gguf_name}.weight"
+        if part.bias is not None:
+            add(f"{prefix}.{gguf_name}.bias", _rotary_order(part.bias.detach(), count))
+            names[id(part.bias)] = f"{prefix}.{gguf_name}.bias"
+    for part, gguf_name in ((v, "attn_v"), (o, "attn_output")):
+        add(f"{prefix}.{gguf_name}.weight", part.weight)
+        if part.bias is not None:
+            add(f"{prefix}.{gguf_name}.bias", part.bias)
+    return heads, kv_heads
+
+
+def _add_zero_attention(prefix: str, hidden: int, head_dim: int, add) -> None:
+    """One query and key-value head whose projections are zero: adds exactly 0 to the residual stream."""
+    for name, shape in (("attn_q", (head_dim, hidden)), ("attn_k", (head_dim, hidden)), ("attn_v", (head_dim, hidden)),
+                        ("attn_output", (hidden, head_dim))):
+        add(f"{prefix}.{name}.weight", torch.zeros(shape))
+    add(f"{prefix}.attn_norm.weight", torch.ones(hidden))
+
+
+def _add_zero_mlp(prefix: str, hidden: int, add) -> None:
+    """One MLP neuron whose projections are zero: adds exactly 0 to the residual stream."""
+    for name, shape in (("ffn_gate", (1, hidden)), ("ffn_up", (1, hidden)), ("ffn_down", (hidden, 1))):
+        add(f"{prefix}.{name}.weight", torch.zeros(shape))
+    add(f"{prefix}.ffn_norm.weight", torch.ones(hidden))
 
 
 def _encoded(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any, str]:

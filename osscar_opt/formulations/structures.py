@@ -84,6 +84,9 @@ class Structure:
             number of groups each (``q_heads``: the query heads of each KV group, since the stock
             forward repeats every key-value head for the same number of query heads). A budget
             counts groups per block (:attr:`budget_groups`); 1 for every other kind.
+        on_empty: called, instead of cutting, when no group is kept: replaces the whole sublayer
+            by one whose output is the given bias (or zero), :mod:`~osscar_opt.formulations.empty`;
+            None where the family's forward code cannot drop the sublayer (a keep of 0 is refused).
     """
 
     name: str
@@ -93,6 +96,12 @@ class Structure:
     producers: list[Producer] = field(default_factory=list)
     on_resize: Callable[[int], None] | None = None
     blocks: int = 1
+    on_empty: Callable[[torch.Tensor | None], None] | None = None
+
+    @property
+    def can_empty(self) -> bool:
+        """True when the structure may keep no group (its sublayer is then removed)."""
+        return self.on_empty is not None
 
     @property
     def num_groups(self) -> int:

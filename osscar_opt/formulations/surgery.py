@@ -86,11 +86,12 @@ def set_consumer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _checked_columns(structure: Structure, support: Sequence[int],
                      weights: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """The sorted kept groups and their consumer columns; an empty support or weights of the wrong
-    shape are refused."""
+    """The sorted kept groups and their consumer columns; an empty support where the structure
+    cannot be emptied, or weights of the wrong shape, are refused."""
     kept = sorted(int(g) for g in support)
-    if not kept:
-        raise ValueError("support: at least one group must be kept")
+    if not kept and not structure.can_empty:
+        raise ValueError(f"support: at least one group of {structure.name} must be kept (its family's forward "
+                         "code cannot drop the sublayer)")
     if tuple(weights.shape) != matrix_shape(structure.consumer):
         raise ValueError(f"weights: expected shape {matrix_shape(structure.consumer)}, got {tuple(weights.shape)}")
     return kept, rows_for(structure.groups, kept).to(weights.device)
@@ -106,11 +107,16 @@ def apply_solution(
 
     Args:
         structure: consumer, groups and producers.
-        support: kept group ids.
+        support: kept group ids; empty where ``structure.can_empty``: the sublayer is replaced by
+            its (re-fit) bias, :mod:`~osscar_opt.formulations.empty`.
         weights: ``(m, p)`` optimal consumer weight for ``support`` as a matrix (zeros in pruned columns).
         bias: re-fit consumer bias ``(m,)``, or None to keep the current bias.
     """
     kept, columns = _checked_columns(structure, support, weights)
+    if not kept:  # the whole sublayer goes: its output is the (re-fit) bias, or zero
+        current = structure.consumer.bias
+        structure.on_empty(bias if bias is not None else None if current is None else current.detach())
+        return
     set_consumer(structure.consumer, weights.index_select(1, columns), bias)
     for producer in structure.producers:
         keep_output_rows(producer.module, producer.kept_rows(kept))

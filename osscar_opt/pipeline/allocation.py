@@ -94,6 +94,8 @@ class Allocator:
                 n = structure.budget_groups
                 multiple = self.target.multiple_of if structure.kind in ALIGNED_KINDS else 1
                 keeps = keep_grid(n, self.target.grid, math.ceil(self.target.min_keep * n), multiple)
+                if self.target.allow_empty and structure.can_empty:
+                    keeps = [0, *keeps]  # the whole sublayer removed
                 table = coster.table(position, keeps) if coster is not None else self.choices[structure.name][1].costs
                 problem, _, _ = pruner.build_problem(structure, hidden, self.calls, None)
                 swaps = self.target.curve_swaps
@@ -254,7 +256,9 @@ class Allocator:
         aligned = (f", neurons and channels in multiples of {target.multiple_of}" if target.multiple_of > 1 else "")
         return (
             f"target {target.metric}={target.value:g} cannot be met: with every prunable structure of kinds {kinds} "
-            f"at its minimum keep (min_keep={target.min_keep:g}, at least one group each{aligned}) the model reaches "
+            f"at its minimum keep (min_keep={target.min_keep:g}, "
+            f"{'0 where a sublayer can be emptied' if target.allow_empty else 'at least one group each'}{aligned}) "
+            "the model reaches "
             "only "
             f"{reached}; the rest (embeddings, output layers, structures of other kinds) is not pruned. "
             "Relax the target, lower min_keep" + (" or multiple_of" if target.multiple_of > 1 else "")
@@ -266,9 +270,15 @@ class Allocator:
         return self.dense_cost + self.cost_of({name: allocation[name] for name in self.choices})
 
     def at_floor(self) -> list[str]:
-        """The structures the allocation left at their smallest allowed keep."""
+        """The structures the allocation left at their smallest allowed keep above 0."""
         allocation = self.target.allocation or {}
-        return [name for name, (_, choices, _) in self.choices.items() if allocation.get(name) == choices.keeps[0]]
+        return [name for name, (_, choices, _) in self.choices.items()
+                if allocation.get(name) == next(k for k in choices.keeps if k > 0)]
+
+    def emptied(self) -> list[str]:
+        """The structures whose whole sublayer the allocation removes (keep 0, ``allow_empty``)."""
+        allocation = self.target.allocation or {}
+        return [name for name in self.choices if allocation.get(name) == 0]
 
     def achieved(self) -> dict[str, Any]:
         """The pruned model's cost on the calibration batch and whether it meets the target.
@@ -314,7 +324,7 @@ class Allocator:
         """The allocation for the report; with ``achieved``, the pruned model's cost measured on the
         same batch (:meth:`achieved`) and the structures left at their smallest keep."""
         predicted = self.predicted_cost()
-        measured = {**self.achieved(), "at_floor": self.at_floor()} if achieved else {}
+        measured = {**self.achieved(), "at_floor": self.at_floor(), "emptied": self.emptied()} if achieved else {}
         search = None if self.search is None else dict(self.search)
         if achieved and search is not None:  # the pruned model (re-fit on its own inputs) on the same samples
             search["pruned_score"] = self.scorer.score(1.0)[0]

@@ -126,6 +126,7 @@ class Settings:
         _check_kinds(adapter, budget)
         _check_aligned_widths(adapter, budget)
         _check_offload_target(placement, budget)
+        _check_allow_empty(adapter, budget)
         if (executor is not None or workers is not None) and not isinstance(budget, CostTarget):
             raise ValueError("executor: only a CostTarget computes loss curves to spread over workers; with fixed "
                              "budgets give neither executor nor workers")
@@ -221,6 +222,19 @@ def _check_offload_target(placement: Placement, budget: Budget) -> None:
             f"offload: a speedup target measures latency on the device the stages run on ({placement.compute}), "
             f"but with offload its latency tables would be measured where the model is ({placement.storage}); "
             "use a macs or params target with offload, or prune without offload"
+        )
+
+
+def _check_allow_empty(adapter: ModelAdapter, budget: Budget) -> None:
+    """``allow_empty`` needs a targeted structure whose sublayer the family's forward code can drop."""
+    if not (isinstance(budget, CostTarget) and budget.allow_empty):
+        return
+    if not any(structure.can_empty for structure in adapter.structures() if structure.kind in budget.kinds()):
+        raise ValueError(
+            f"allow_empty: the {adapter.family} family ({adapter.architecture}) cannot drop a whole "
+            f"{'/'.join(sorted(budget.kinds()))} sublayer (its forward code needs at least one group); prune it "
+            "without allow_empty (--allow-empty). Families that can: the LLaMA layout (LLaMA, Qwen, Mistral, "
+            "Gemma, SmolLM, Granite, OLMo)"
         )
 
 

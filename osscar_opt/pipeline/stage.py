@@ -190,19 +190,32 @@ class StagePruner:
             problem = accumulator.problem(W, structure.groups, damp=self.settings.damp, meta=meta, **lowering)
         return problem, accumulator, lowering
 
-    def prune_structure(self, position: int, pruned_in, calls, targets) -> LayerRecord | None:
-        """Calibrate the live stage's structure at ``position``, solve it and cut it."""
-        structure = self.stage.structures(self.stage.module)[position]
+    def prune_structure(self, position: int, pruned_in, calls, targets, name: str | None = None) -> LayerRecord | None:
+        """Calibrate the live stage's structure at ``position`` (or the one called ``name``: positions
+        move once a sublayer was emptied), solve it and cut it; None when the budget leaves it alone
+        or it is gone (the query heads of an emptied attention)."""
+        current = self.stage.structures(self.stage.module)
+        if name is None:
+            structure = current[position]
+        else:
+            structure = next((s for s in current if s.name == name), None)
+            if structure is None:
+                return None
         counted = structure.budget_groups  # q_heads: query heads per KV group
         keep = self.budget.keep(structure.name, structure.kind, counted)
         if keep is None:
             return None
-        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= counted:
+        lowest = 0 if structure.can_empty else 1
+        if isinstance(keep, bool) or not isinstance(keep, int) or not lowest <= keep <= counted:
             per_block = " per KV group" if structure.blocks > 1 else ""
+            cannot = ("" if structure.can_empty else
+                      f"; 0 would remove the sublayer, which the {self.adapter.family} family's forward code cannot do")
             raise ValueError(
-                f"budgets: keep for {structure.name} must be an integer in [1, {counted}]{per_block} "
-                f"(or None to leave it alone), got {keep!r}"
+                f"budgets: keep for {structure.name} must be an integer in [{lowest}, {counted}]{per_block} "
+                f"(or None to leave it alone), got {keep!r}{cannot}"
             )
+        if keep == 0:
+            return self.empty_structure(structure, pruned_in, calls, targets)
         start = time.perf_counter()
         problem, accumulator, lowering = self.build_problem(structure, pruned_in, calls, targets)
         W, meta = structure.weight(), problem.meta
@@ -238,6 +251,29 @@ class StagePruner:
             heldout_candidate=solution.info.get("heldout_candidate"),
         )
 
+    def empty_structure(self, structure: Structure, pruned_in, calls, targets) -> LayerRecord:
+        """Remove ``structure``'s whole sublayer: its output becomes the re-fit bias (the mean target,
+        where the bias is re-fit) or zero; the loss is the layer's whole target energy around it."""
+        start = time.perf_counter()
+        problem, accumulator, lowering = self.build_problem(structure, pruned_in, calls, targets)
+        if self.settings.split:  # every row: no support to choose, no ridge to pick
+            problem = accumulator.merged().problem(structure.weight(), structure.groups, damp=SEARCH_DAMP,
+                                                   meta=problem.meta, **lowering)
+        del accumulator
+        calibration_seconds = time.perf_counter() - start
+        problem.keep = 0
+        loss, weights, bias = problem.evaluate(())
+        apply_solution(structure, (), weights, bias)
+        return LayerRecord(
+            stage=self.index, name=structure.name, kind=structure.kind, groups=structure.num_groups, keep=0,
+            kept=[], loss=loss, dense_loss=problem.loss(range(problem.num_groups)),
+            relative_loss=loss / problem.c0 if problem.c0 > 0 else 0.0, backend="empty", status="removed",
+            solve_seconds=0.0, calibration_seconds=calibration_seconds,
+            damp=float(SEARCH_DAMP if self.settings.split else self.settings.damp),
+            heldout_relative_loss=None,
+            heldout_candidate=None,
+        )
+
     def run(self, dense_in, pruned_in, calls) -> tuple[list[LayerRecord], list | None, list]:
         """Prune this stage; returns its records and the dense and pruned stage outputs.
 
@@ -250,9 +286,10 @@ class StagePruner:
         else:
             targets, dense_out = [None] * len(self.stage.structures(self.stage.module)), None
         records = []
+        names = [structure.name for structure in self.stage.structures(self.stage.module)]
         with self.placement.stage_on_compute(self.stage.module):
             for position in range(len(targets)):
-                record = self.prune_structure(position, pruned_in, calls, targets[position])
+                record = self.prune_structure(position, pruned_in, calls, targets[position], names[position])
                 if record is not None:
                     records.append(record)
                 targets[position] = None  # free the targets of this structure
