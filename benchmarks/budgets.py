@@ -10,7 +10,9 @@ forward pass 1.5x as fast on this machine), the budgets of ``--modes`` are compu
   (:class:`osscar_opt.allocation_search.AllocationSearch`, ``--search-evaluations`` candidates
   scored on ``--search-samples`` samples of every 10th calibration article, which no mode
   calibrates on; the images after the calibration images for vision models);
-* ``stock``: uniform widths over the kinds the family's config can state.
+* ``stock``: uniform widths over the kinds the family's config can state;
+* ``empty`` and ``search_empty``: ``curves`` and ``search`` with ``allow_empty``: a structure may
+  keep no group, removing its whole attention layer or MLP (LLaMA layout; refused for others).
 
 Each budget is then pruned with each backend (``local-search``, ``greedy``, ``activation``; the
 budget is computed once per target and mode and re-used through ``PerLayerKeep``, so every backend
@@ -53,9 +55,10 @@ from osscar_opt.pipeline import prune
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("minilm", "smollm2", "resnet18", "mobilenet_v2", "resnet18_fashion", "mobilenet_v2_fashion")
 BACKENDS = ("local-search", "greedy", "activation")
-MODES = ("uniform", "curves", "search", "stock")
+MODES = ("uniform", "curves", "search", "stock", "empty", "search_empty")
 DEFAULT_MODES = ("uniform", "curves")
-MODE_LABELS = {"curves": "allocated", "search": "allocated + search", "uniform": "uniform"}
+MODE_LABELS = {"curves": "allocated", "search": "allocated + search", "uniform": "uniform",
+               "empty": "allocated + empty sublayers", "search_empty": "allocated + search + empty sublayers"}
 # "stock": uniform widths over the structure kinds the family's config can state
 # (adapter.config_kinds()), so stock from_pretrained reloads the result: what --uniform-widths costs.
 
@@ -159,13 +162,15 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                 if keep is None and mode == "stock":
                     budget = CostTarget(metric, value, kinds=sorted(stock_kinds), allocation="uniform",
                                         normalize=args.normalize)
-                elif keep is None and mode == "search":
+                elif keep is None and mode in ("search", "search_empty"):
                     search = AllocationSearch(subject.search_samples, evaluations=args.search_evaluations,
                                               method=args.search_method, seed=0)
-                    budget = CostTarget(metric, value, normalize=args.normalize, search=search)
+                    budget = CostTarget(metric, value, normalize=args.normalize, search=search,
+                                        allow_empty=mode == "search_empty")
                 elif keep is None:
-                    budget = CostTarget(metric, value, allocation=mode, normalize=args.normalize,
-                                        reallocate=args.reallocate and mode == "curves")
+                    budget = CostTarget(metric, value, allocation="uniform" if mode == "uniform" else "curves",
+                                        normalize=args.normalize, reallocate=args.reallocate and mode == "curves",
+                                        allow_empty=mode == "empty")
                 else:
                     budget = PerLayerKeep(keep)
                 report = prune(model, subject.calibration, budget, backend=backend, batch_size=subject.batch_size,
@@ -193,7 +198,8 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                     "achieved_fraction": allocation["achieved_fraction"] if backend == args.backends[0] else None,
                     "prune_seconds": seconds + (0.0 if backend == args.backends[0] else curve_seconds),
                     "curve_seconds": curve_seconds, "keep": keep,
-                    "search": search_record if mode == "search" else None,
+                    "search": search_record if mode in ("search", "search_empty") else None,
+                    "emptied": sorted(name for name, count in keep.items() if count == 0),
                     "stock_loadable": report.settings.get("config_describes_pruned_model"),
                 }
                 rows.append(row)
@@ -202,7 +208,8 @@ def run_subject(subject: Subject, args: argparse.Namespace, rows: list[dict[str,
                 print(f"  {target_text:12s} {mode:8s} {backend:13s} {subject.quality} "
                       f"{row[subject.quality]:.4f}{unseen} "
                       f"MACs {row['macs_fraction']:.3f} params {row['params_fraction']:.3f} "
-                      f"speed-up {row['speedup']:.2f} ({seconds:.0f} s)", flush=True)
+                      f"speed-up {row['speedup']:.2f} ({seconds:.0f} s)"
+                      + (f"; {len(row['emptied'])} sublayers removed" if row["emptied"] else ""), flush=True)
                 if row["search"] is not None and backend == args.backends[0]:
                     record = row["search"]
                     print(f"    search: {record['metric']} {record['start_score']:.5f} -> {record['score']:.5f} "
@@ -227,8 +234,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         searched = "-" if not search else (f"{search['start_score']:.4f} -> {search['score']:.4f} "
                                            f"({search['pruned_score']:.4f}), {search['seconds']:.0f} s")
         lines.append(
-            f"| {row['model']} | {row['target']} | {row['mode']} | {row['method']} | {quality:.4f} | {unseen} | "
-            f"{row['macs_fraction']:.3f} | {row['params_fraction']:.3f} | {row['latency_ms']:.1f} "
+            f"| {row['model']} | {row['target']} | {row['mode']}"
+            f"{f' ({len(emptied)} removed)' if (emptied := row.get('emptied')) else ''} | {row['method']} | "
+            f"{quality:.4f} | {unseen} | {row['macs_fraction']:.3f} | {row['params_fraction']:.3f} | "
+            f"{row['latency_ms']:.1f} "
             f"({row['latency_min_ms']:.1f}-{row['latency_max_ms']:.1f}) | {row['speedup']:.2f} | "
             f"{row['predicted_fraction']:.3f} | "
             f"{'-' if row.get('achieved_fraction') is None else format(row['achieved_fraction'], '.3f')} | "

@@ -216,9 +216,6 @@ def _uniform_widths(budgets: Any, adapter: Any, heads_given: bool) -> Any:
     if isinstance(budgets, CostTarget):
         if budgets.reallocate:
             raise ValueError("--reallocate: re-allocation makes widths differ per block; not with --uniform-widths")
-        if budgets.allow_empty:
-            raise ValueError("--allow-empty: removes sublayers in some blocks only, so widths differ per block; not "
-                             "with --uniform-widths")
         refused = sorted(set(budgets.kinds()) & (present - expressible))
         if refused and heads_given:
             raise ValueError(f"--uniform-widths: this {adapter.architecture} model's config cannot state a pruned "
@@ -270,6 +267,9 @@ def prune_transformer(args: argparse.Namespace) -> dict[str, Any]:
     from osscar_opt.pipeline import prune
 
     budgets = _transformer_budgets(args)
+    if args.uniform_widths and getattr(budgets, "allow_empty", False):
+        raise ValueError("--allow-empty: removes sublayers in some blocks only, so widths differ per block; not with "
+                         "--uniform-widths")
     search = search_flags(args)
     _check_common(args)
     multiple_of = multiple_of_flag(args)

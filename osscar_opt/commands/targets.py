@@ -219,6 +219,12 @@ def describe_allocation(allocation: dict[str, Any]) -> str:
                  f"(stopped: {search['stopped']})")
         if "pruned_score" in search:
             text += f"; the pruned model, re-fit on its own inputs: {search['pruned_score']:.5f}"
+        starts = search.get("start_scores") or {}
+        if starts:
+            chosen = min(starts, key=starts.get)
+            text += (f"\nsearch start: the program's allocation with removed sublayers scored "
+                     f"{starts['program']:.5f}, without {starts['program_without_empty']:.5f}; started from the "
+                     f"{'first' if chosen == 'program' else 'second'}")
     emptied = allocation.get("emptied") or []
     if emptied:
         shown = ", ".join(emptied[:4]) + (f" and {len(emptied) - 4} more" if len(emptied) > 4 else "")

@@ -11,7 +11,10 @@ kept attention groups / MLP neurons of every block. ``write_files`` writes ``con
   :mod:`osscar_opt.io.remote_code` needs, and an ``auto_map`` naming the small module it writes
   beside the config: stock ``from_pretrained(folder, trust_remote_code=True)`` (and
   ``SentenceTransformer(folder, trust_remote_code=True)``) rebuild the pruned widths; without
-  ``trust_remote_code`` transformers refuses and says to pass it.
+  ``trust_remote_code`` transformers refuses and says to pass it. Where the remote code cannot
+  rebuild the model (removed sublayers, Phi-3's fused projections) there is no ``auto_map`` and
+  the ``model_type`` (:data:`LOAD_PRUNED_TYPE`) says to load the folder with
+  :func:`osscar_opt.load_pruned`.
 
 A sentence-transformers folder the model came from (``modules.json`` beside its config) keeps its
 module files (pooling, normalization). ``rebuild`` instantiates the class from the config, shrinks
@@ -62,6 +65,8 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 NOT_STOCK_TYPE = ("{model_type}-pruned (per-layer widths: load it with from_pretrained(folder, trust_remote_code=True) "
                   "or osscar_opt.load_pruned)")
 """``model_type`` written into ``config.json`` when stock classes cannot rebuild the pruned widths."""
+LOAD_PRUNED_TYPE = "{model_type}-pruned (per-layer widths or removed sublayers: load it with osscar_opt.load_pruned)"
+"""``model_type`` written where the remote-code module cannot rebuild the model either."""
 CONFIG_RECORD = "osscar_pruned"
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
@@ -89,7 +94,8 @@ def _config_document(model: nn.Module, directory: Path) -> dict[str, Any]:
     if fields is None:
         rebuilt = remote_code.record(model) if adapter.remote_code_rebuilds() else None
         document[CONFIG_RECORD] = {"model_type": document["model_type"], "blocks": adapter.dims(), **(rebuilt or {})}
-        document["model_type"] = NOT_STOCK_TYPE.format(model_type=document["model_type"])
+        template = NOT_STOCK_TYPE if rebuilt is not None else LOAD_PRUNED_TYPE
+        document["model_type"] = template.format(model_type=document["model_type"])
         if rebuilt is not None:
             document["auto_map"] = remote_code.auto_map(model)
     return document

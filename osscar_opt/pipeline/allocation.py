@@ -207,17 +207,39 @@ class Allocator:
 
         start = dict(self.target.allocation)
         choices = [choices for _, choices, _ in self.choices.values()]
+        starts: dict[str, float] = {}
         try:
             with torch.no_grad():
+                start, starts = self._search_start(start, choices, score)
                 result = search_allocation(choices, start, self.cost_of, self.capacity - self.dense_cost, score,
                                            self.target.search, progress=progress)
         finally:
             supernet.restore()
         self.target.allocation = dict(result.keep)
         self.search = {**self.target.search.to_dict(), **result.to_dict(), "metric": self.scorer.metric,
+                       "start_scores": starts,
                        "samples": self.scorer.samples, "supernet_bytes": supernet.bytes,
                        "start_fraction": (self.dense_cost + self.cost_of(start)) / self.dense_cost,
                        "fraction": (self.dense_cost + self.cost_of(result.keep)) / self.dense_cost}
+
+    def _search_start(self, allocation: dict[str, int], choices: list[Choices],
+                      score) -> tuple[dict[str, int], dict[str, float]]:
+        """Where the search starts: the program's allocation; under ``allow_empty``, the better scored
+        (on all the search's samples) of the program's allocations with and without keeps of 0 (the
+        summed layer losses can price a whole sublayer's removal far from what it does to the
+        model's output). Returns the start and the scores of the starts compared (empty: none)."""
+        if not any(0 in c.keeps for c in choices):
+            return allocation, {}
+        positive = [Choices(c.name, c.kind, c.keeps[1:], c.losses[1:], c.costs[1:]) if c.keeps[0] == 0 else c
+                    for c in choices]
+        try:
+            widths_only = allocate_with_pairs(positive, self.capacity - self.dense_cost, self.pairs)
+        except InfeasibleTarget:  # reachable only by removing sublayers
+            return allocation, {}
+        if widths_only == allocation:
+            return allocation, {}
+        scores = {"program": score(allocation, 1.0)[0], "program_without_empty": score(widths_only, 1.0)[0]}
+        return (widths_only if scores["program_without_empty"] < scores["program"] else allocation), scores
 
     def reallocate(self, index: int, stage: Stage, pruned_in: list[torch.Tensor]) -> None:
         """Before stage ``index`` is pruned: its curves on ``pruned_in``, then the budget left over
