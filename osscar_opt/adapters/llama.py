@@ -56,10 +56,12 @@ def _linears(module: nn.Module | None, names: tuple[str, ...]) -> bool:
 def has_llama_layout(model: nn.Module) -> bool:
     """True when every decoder block has ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``
     Linears (or, after pruning, an emptied sublayer in their place)."""
+    def fits(module: nn.Module | None, names: tuple[str, ...]) -> bool:
+        return is_empty(module) or _linears(module, names)
+
     blocks = decoder_blocks(model)
     return blocks is not None and all(
-        (is_empty(getattr(block, "self_attn", None)) or _linears(getattr(block, "self_attn", None), ATTENTION_PARTS))
-        and (is_empty(getattr(block, "mlp", None)) or _linears(getattr(block, "mlp", None), MLP_PARTS))
+        fits(getattr(block, "self_attn", None), ATTENTION_PARTS) and fits(getattr(block, "mlp", None), MLP_PARTS)
         for block in blocks
     )
 

@@ -227,11 +227,14 @@ def describe_allocation(allocation: dict[str, Any]) -> str:
                      f"{'first' if chosen == 'program' else 'second'}")
     emptied = allocation.get("emptied") or []
     if emptied:
-        shown = ", ".join(emptied[:4]) + (f" and {len(emptied) - 4} more" if len(emptied) > 4 else "")
-        text += f"\n{len(emptied)} sublayers removed whole (--allow-empty): {shown}"
+        text += f"\n{len(emptied)} sublayers removed whole (--allow-empty): {_first_names(emptied)}"
     floor = allocation.get("at_floor") or []
     if floor:
-        shown = ", ".join(floor[:4]) + (f" and {len(floor) - 4} more" if len(floor) > 4 else "")
         text += (f"\n{len(floor)} structures sit at their smallest allowed keep (min_keep {allocation['min_keep']:g}, "
-                 f"{'or removed' if allocation.get('allow_empty') else 'at least one group'}): {shown}")
+                 f"{'or removed' if allocation.get('allow_empty') else 'at least one group'}): {_first_names(floor)}")
     return text
+
+
+def _first_names(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` names, and how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -137,11 +137,10 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
     base = model.base_model
     if getattr(config, "hidden_act", "silu") != "silu":
         raise _refuse(f"activation {config.hidden_act!r} (llama.cpp's llama / deci use SiLU)")
-    head_dims = {int(block.self_attn.head_dim) for block in base.layers if not is_empty(block.self_attn)}
-    if len(head_dims) > 1:
+    head_dims = {int(block.self_attn.head_dim) for block in base.layers}  # an emptied attention keeps its head size
+    if len(head_dims) != 1:
         raise _refuse(f"head sizes differ between blocks ({sorted(head_dims)})")
-    head_dim = head_dims.pop() if head_dims else int(getattr(config, "head_dim", None)
-                                                      or config.hidden_size // config.num_attention_heads)
+    head_dim = head_dims.pop()
     if head_dim % 2:
         raise _refuse(f"odd head size {head_dim} (rotary embeddings rotate pairs)")
     plan = GGUFPlan("llama", head_dim, [])
@@ -166,14 +165,11 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
             plan.notes.append("block 0's removed attention written as one head of zeros (llama.cpp reads the head "
                               "size from block 0)")
         if not is_empty(block.mlp):
-            mlp = block.mlp
-            gate, up, down = (_linear(getattr(mlp, part), f"layer {index} {part}")
+            gate, up, down = (_linear(getattr(block.mlp, part), f"layer {index} {part}")
                               for part in ("gate_proj", "up_proj", "down_proj"))
             widths.neurons = gate.out_features
             for part, gguf_name in ((gate, "ffn_gate"), (up, "ffn_up"), (down, "ffn_down")):
-                add(f"{prefix}.{gguf_name}.weight", part.weight)
-                if part.bias is not None:
-                    add(f"{prefix}.{gguf_name}.bias", part.bias)
+                _add_linear(f"{prefix}.{gguf_name}", part, add)
             add(f"{prefix}.ffn_norm.weight", block.post_attention_layernorm.weight)
         elif block.mlp.bias is not None:
             raise _refuse(f"layer {index}'s removed MLP adds a bias, which llama.cpp's deci cannot")
@@ -221,10 +217,15 @@ def _add_attention(block: nn.Module, index: int, head_dim: int, add, names: dict
             add(f"{prefix}.{gguf_name}.bias", _rotary_order(part.bias.detach(), count))
             names[id(part.bias)] = f"{prefix}.{gguf_name}.bias"
     for part, gguf_name in ((v, "attn_v"), (o, "attn_output")):
-        add(f"{prefix}.{gguf_name}.weight", part.weight)
-        if part.bias is not None:
-            add(f"{prefix}.{gguf_name}.bias", part.bias)
+        _add_linear(f"{prefix}.{gguf_name}", part, add)
     return heads, kv_heads
+
+
+def _add_linear(name: str, part: nn.Linear, add) -> None:
+    """Plan a Linear layer's weight (and bias) as ``<name>.weight`` (``<name>.bias``)."""
+    add(f"{name}.weight", part.weight)
+    if part.bias is not None:
+        add(f"{name}.bias", part.bias)
 
 
 def _add_zero_attention(prefix: str, hidden: int, head_dim: int, add) -> None:

@@ -171,18 +171,21 @@ class StagePruner:
             handle.remove()
         return accumulator
 
+    def lowering(self, structure: Structure) -> dict:
+        """How ``structure``'s consumer bias enters its problem: the current bias, and whether it is re-fit."""
+        consumer = structure.consumer
+        return {"bias": None if consumer.bias is None else consumer.bias.detach(),
+                "refit_bias": self.settings.refit_bias and (consumer.bias is not None or self.adapter.adds_bias)}
+
+    def meta(self, structure: Structure) -> dict[str, str]:
+        return {"name": structure.name, "kind": structure.kind, "stage": self.stage.name}
+
     def build_problem(self, structure: Structure, pruned_in, calls, targets):
         """Calibrate ``structure`` and lower it: ``(problem, accumulator, lowering)``; under
         ``damp="auto"`` the problem is the fit samples' at ridge ``SEARCH_DAMP`` with the held-out
         moments attached."""
-        consumer = structure.consumer
         accumulator = self.calibrate(structure, pruned_in, calls, targets)
-        W = structure.weight()
-        lowering = {
-            "bias": None if consumer.bias is None else consumer.bias.detach(),
-            "refit_bias": self.settings.refit_bias and (consumer.bias is not None or self.adapter.adds_bias),
-        }
-        meta = {"name": structure.name, "kind": structure.kind, "stage": self.stage.name}
+        W, lowering, meta = structure.weight(), self.lowering(structure), self.meta(structure)
         if self.settings.split:
             problem = accumulator.fit.problem(W, structure.groups, damp=SEARCH_DAMP, meta=meta, **lowering)
             problem.heldout = accumulator.heldout.moments(W, **lowering)
@@ -190,17 +193,14 @@ class StagePruner:
             problem = accumulator.problem(W, structure.groups, damp=self.settings.damp, meta=meta, **lowering)
         return problem, accumulator, lowering
 
-    def prune_structure(self, position: int, pruned_in, calls, targets, name: str | None = None) -> LayerRecord | None:
-        """Calibrate the live stage's structure at ``position`` (or the one called ``name``: positions
-        move once a sublayer was emptied), solve it and cut it; None when the budget leaves it alone
-        or it is gone (the query heads of an emptied attention)."""
-        current = self.stage.structures(self.stage.module)
-        if name is None:
-            structure = current[position]
-        else:
-            structure = next((s for s in current if s.name == name), None)
-            if structure is None:
-                return None
+    def prune_structure(self, position: int, name: str, pruned_in, calls, targets) -> LayerRecord | None:
+        """Calibrate the live stage's structure called ``name`` (found by name: positions move once a
+        sublayer was emptied; ``position`` is its place in the uncut stage, which names its problem
+        file), solve it and cut it; None when the budget leaves it alone or it is gone (the query
+        heads of an emptied attention)."""
+        structure = next((s for s in self.stage.structures(self.stage.module) if s.name == name), None)
+        if structure is None:
+            return None
         counted = structure.budget_groups  # q_heads: query heads per KV group
         keep = self.budget.keep(structure.name, structure.kind, counted)
         if keep is None:
@@ -255,10 +255,13 @@ class StagePruner:
         """Remove ``structure``'s whole sublayer: its output becomes the re-fit bias (the mean target,
         where the bias is re-fit) or zero; the loss is the layer's whole target energy around it."""
         start = time.perf_counter()
-        problem, accumulator, lowering = self.build_problem(structure, pruned_in, calls, targets)
+        accumulator = self.calibrate(structure, pruned_in, calls, targets)
         if self.settings.split:  # every row: no support to choose, no ridge to pick
-            problem = accumulator.merged().problem(structure.weight(), structure.groups, damp=SEARCH_DAMP,
-                                                   meta=problem.meta, **lowering)
+            accumulator, damp = accumulator.merged(), SEARCH_DAMP
+        else:
+            damp = self.settings.damp
+        problem = accumulator.problem(structure.weight(), structure.groups, damp=damp, meta=self.meta(structure),
+                                      **self.lowering(structure))
         del accumulator
         calibration_seconds = time.perf_counter() - start
         problem.keep = 0
@@ -268,10 +271,8 @@ class StagePruner:
             stage=self.index, name=structure.name, kind=structure.kind, groups=structure.num_groups, keep=0,
             kept=[], loss=loss, dense_loss=problem.loss(range(problem.num_groups)),
             relative_loss=loss / problem.c0 if problem.c0 > 0 else 0.0, backend="empty", status="removed",
-            solve_seconds=0.0, calibration_seconds=calibration_seconds,
-            damp=float(SEARCH_DAMP if self.settings.split else self.settings.damp),
-            heldout_relative_loss=None,
-            heldout_candidate=None,
+            solve_seconds=0.0, calibration_seconds=calibration_seconds, damp=float(damp),
+            heldout_relative_loss=None, heldout_candidate=None,
         )
 
     def run(self, dense_in, pruned_in, calls) -> tuple[list[LayerRecord], list | None, list]:
@@ -289,7 +290,7 @@ class StagePruner:
         names = [structure.name for structure in self.stage.structures(self.stage.module)]
         with self.placement.stage_on_compute(self.stage.module):
             for position in range(len(targets)):
-                record = self.prune_structure(position, pruned_in, calls, targets[position], names[position])
+                record = self.prune_structure(position, names[position], pruned_in, calls, targets[position])
                 if record is not None:
                     records.append(record)
                 targets[position] = None  # free the targets of this structure
